@@ -1,0 +1,1 @@
+"""Datasets with indices, augmentation recipes and transforms, epoch plans and loaders."""
