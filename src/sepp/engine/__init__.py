@@ -1,0 +1,1 @@
+"""Training engine: loop, schedules, optimizers, checkpoints and distributed helpers."""

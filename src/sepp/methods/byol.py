@@ -1,0 +1,56 @@
+"""BYOL (Grill et al. 2020, arXiv 2006.07733), after google-deepmind/deepmind-research ``byol``.
+
+Defaults (constructor = ImageNet, paper): projector and predictor Linear-BN-ReLU-Linear with 4096 hidden and
+256 output units (output Linear without bias, as the official MLP); target = EMA of backbone + projector with
+tau = 1 - (1 - tau_base)(cos(pi * progress) + 1) / 2, tau_base 0.996; loss = l(p1, z2') + l(p2, z1')
+(the paper's symmetrised sum). CIFAR defaults (``CIFAR_DEFAULTS``, solo-learn's CIFAR BYOL config):
+tau_base 0.99.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from sepp.methods.losses import byol_loss
+from sepp.methods.queue import ema_update, frozen_copy
+from sepp.models.heads import mlp
+
+
+def byol_tau(tau_base: float, progress: float) -> float:
+    """Target EMA coefficient after a fraction ``progress`` in [0, 1] of training: tau_base -> 1."""
+    return 1 - (1 - tau_base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+class BYOL(nn.Module):
+    CIFAR_DEFAULTS = {"tau_base": 0.99}
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, *, proj_hidden_dim: int = 4096, proj_dim: int = 256,
+                 pred_hidden_dim: int = 4096, tau_base: float = 0.996):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = mlp(feat_dim, proj_hidden_dim, proj_dim, 2, last_bias=False)
+        self.predictor = mlp(proj_dim, pred_hidden_dim, proj_dim, 2, last_bias=False)
+        self.target_backbone = frozen_copy(backbone)
+        self.target_projector = frozen_copy(self.projector)
+        self.tau_base = self.tau = tau_base
+
+    def forward(self, x1, x2, ids1, ids2) -> dict[str, torch.Tensor]:
+        p1 = self.predictor(self.projector(self.backbone(x1)))
+        p2 = self.predictor(self.projector(self.backbone(x2)))
+        with torch.no_grad():
+            t1 = self.target_projector(self.target_backbone(x1))
+            t2 = self.target_projector(self.target_backbone(x2))
+        return {"loss": byol_loss(p1, t2) + byol_loss(p2, t1)}
+
+    @torch.no_grad()
+    def after_step(self, progress: float) -> None:
+        self.tau = byol_tau(self.tau_base, progress)
+        ema_update(self.target_backbone, self.backbone, self.tau)
+        ema_update(self.target_projector, self.projector, self.tau)
+
+    def param_groups(self, base_lr: float) -> list[dict]:
+        return [{"name": "backbone", "params": list(self.backbone.parameters()), "lr": base_lr},
+                {"name": "projector", "params": list(self.projector.parameters()), "lr": base_lr},
+                {"name": "predictor", "params": list(self.predictor.parameters()), "lr": base_lr}]

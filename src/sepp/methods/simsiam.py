@@ -1,0 +1,45 @@
+"""SimSiam (Chen & He 2021, arXiv 2011.10566), after facebookresearch/simsiam ``simsiam/builder.py``.
+
+Defaults (constructor = ImageNet, paper / official repo): projector 3 layers, hidden and output 2048, BN on
+every layer including the output; predictor 2048 -> 512 -> 2048 (BN on the hidden layer only), trained with
+a fixed learning rate (``fix_lr`` in its param group, the official ``--fix-pred-lr``).
+CIFAR defaults (``CIFAR_DEFAULTS``, paper appendix on CIFAR-10): a 2-layer projector.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sepp.methods.losses import negative_cosine
+from sepp.models.heads import mlp
+
+
+class SimSiam(nn.Module):
+    CIFAR_DEFAULTS = {"proj_layers": 2}
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, *, proj_hidden_dim: int = 2048, proj_dim: int = 2048,
+                 proj_layers: int = 3, pred_hidden_dim: int = 512, fix_pred_lr: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = mlp(feat_dim, proj_hidden_dim, proj_dim, proj_layers, last_bn=True)
+        self.predictor = mlp(proj_dim, pred_hidden_dim, proj_dim, 2)
+        self.fix_pred_lr = fix_pred_lr
+
+    def forward(self, x1, x2, ids1, ids2) -> dict[str, torch.Tensor]:
+        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        loss = (negative_cosine(p1, z2) + negative_cosine(p2, z1)) / 2
+        # Collapse monitor from the paper: per-dimension std of the normalised output, ~1/sqrt(dim) when
+        # healthy and 0 when collapsed.
+        z_std = F.normalize(z1.detach().float(), dim=1).std(0).mean()
+        return {"loss": loss, "z_std": z_std}
+
+    def after_step(self, progress: float) -> None:
+        """Nothing to update: SimSiam has no momentum encoder."""
+
+    def param_groups(self, base_lr: float) -> list[dict]:
+        return [{"name": "backbone", "params": list(self.backbone.parameters()), "lr": base_lr, "fix_lr": False},
+                {"name": "projector", "params": list(self.projector.parameters()), "lr": base_lr, "fix_lr": False},
+                {"name": "predictor", "params": list(self.predictor.parameters()), "lr": base_lr,
+                 "fix_lr": self.fix_pred_lr}]
