@@ -1,0 +1,90 @@
+"""The mining step end to end: embed -> search -> select -> pairs.npz + mining.json (+ figures)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sepp.mining.embed import embed
+from sepp.mining.pairs import save_pairs, select_pairs
+from sepp.mining.search import resolve_precision, topk, world_info
+from sepp.mining.stats import mining_stats, pair_correct
+
+
+def _write_json(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def mine_pairs(encoder: nn.Module, dataset, *, k: int, threshold: float, mutual: bool, backend: str,
+               chunk_size: int, precision: str, batch_size: int, device: str | torch.device,
+               out_dir: str | os.PathLike, meta: dict, save_embeddings: bool = False, plots: bool = True,
+               workers: int = 0, nlist: int | None = None, nprobe: int | None = None) -> dict:
+    """Mine semantic positive pairs of ``dataset`` (an IndexedDataset with the eval transform) with the
+    frozen ``encoder`` (backbone, or backbone + projector, as ``mine.features`` says).
+
+    Writes to ``out_dir``: ``pairs.npz`` (``meta`` plus k, threshold, mutual, num_images, fingerprint, name,
+    split, backend, precision), ``mining.json`` (the statistics, with settings and timings),
+    ``embeddings.npy`` when ``save_embeddings``, ``pairs_gallery.png`` and ``similarity_hist.png`` when
+    ``plots``. Labels are used only for the statistics and figures. Under torchrun every rank embeds and
+    searches its share, rank 0 writes the files; all ranks return the statistics.
+    """
+    rank, world = world_info()
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    precision = resolve_precision(precision, device)
+    n = len(dataset)
+
+    t0 = time.perf_counter()
+    emb = embed(encoder, dataset, device, batch_size=batch_size,
+                out_path=out_dir / "embeddings.npy" if save_embeddings else None,
+                rank=rank, world=world, workers=workers)
+    t1 = time.perf_counter()
+    idx, sim = topk(emb, k, backend, chunk_size=chunk_size, device=device, precision=precision,
+                    nlist=nlist, nprobe=nprobe, rank=rank, world=world)
+    t2 = time.perf_counter()
+    i, j, s = select_pairs(idx, sim, k, threshold, mutual)
+
+    labels = getattr(dataset, "labels", None)
+    classes = getattr(dataset, "classes", None)
+    stats = mining_stats(i, j, s, n, labels=labels, classes=classes)
+    settings = {"k": int(k), "threshold": float(threshold), "mutual": bool(mutual), "num_images": n,
+                "fingerprint": dataset.fingerprint(), "name": dataset.name, "split": dataset.split,
+                "backend": backend, "precision": precision if backend == "exact" else None,
+                "embedding_dim": int(emb.shape[1])}
+    stats["settings"] = settings
+    stats["timings"] = {"embed_s": t1 - t0, "search_s": t2 - t1}
+
+    if rank == 0:
+        save_pairs(out_dir / "pairs.npz", i, j, s, {**meta, **settings})
+        _write_json(out_dir / "mining.json", stats)
+        if plots:
+            _plots(dataset, i, j, s, labels, classes, out_dir)
+    if world > 1:
+        dist.barrier()  # files exist before any rank moves on to training
+    return stats
+
+
+def _plots(dataset, i, j, s, labels, classes, out_dir: Path) -> None:
+    from sepp.report.mining_plots import pairs_gallery, similarity_hist
+
+    def get_image(t: int) -> np.ndarray:
+        return np.asarray(dataset.load_image(t).convert("RGB"))
+
+    pairs_gallery(get_image, i, j, s, out_dir / "pairs_gallery.png", labels=labels, classes=classes)
+    known, correct = pair_correct(i, j, labels)
+    if known.any():
+        similarity_hist(s[known], out_dir / "similarity_hist.png", correct=correct[known])
+    else:
+        similarity_hist(s, out_dir / "similarity_hist.png")

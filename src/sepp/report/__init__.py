@@ -1,0 +1,1 @@
+"""Plots and markdown reports of training runs."""
