@@ -1,0 +1,221 @@
+"""Linear probe on a frozen backbone.
+
+Two protocols:
+- ``train_linear``: on precomputed (un-augmented) features. Features are standardised with the training set's
+  per-dimension mean/std, i.e. a non-affine BatchNorm with population statistics in front of the linear layer
+  (MAE's linear probe puts ``BatchNorm1d(affine=False)`` there). Fast: an epoch is a few matmuls.
+- ``train_linear_augmented``: the standard protocol (MoCo/SimSiam linear eval): every epoch the training
+  images are freshly random-resized-cropped and flipped by the dataset's transform, the frozen backbone (eval
+  mode) embeds them, and a ``BatchNorm1d(affine=False)`` + linear head is trained on that; test features are
+  the un-augmented ones.
+
+Both use SGD (momentum 0.9), a per-step cosine learning-rate schedule to zero, no weight decay, 100 epochs
+(MoCo's linear eval recipe) and a head initialised N(0, 0.01), bias 0 (as MoCo/MAE do). MoCo's lr 30 suits
+raw pooled features, whose scale is tiny; after standardisation every input dimension has unit variance and
+a far smaller lr is right. Default: 0.01 x batch_size / 256, chosen by a sweep (lr 0.001-30, batch 256,
+seed 0) on standardised features:
+- Gaussian classes in 64-d, 4k train, 30 epochs: 84.4 % at 0.01, 83.9 % at 0.1, 81.8 % at 30;
+- ReLU random projections of CIFAR-10 pixels to 512-d, 40k train, 30 epochs: 43.6 % at 0.01, 43.2 % at 0.1,
+  37.1 % at 30; 8k train, 100 epochs: 43.7 % at 0.003, 42.6 % at 0.01, 41.0 % at 0.1;
+- raw CIFAR-10 pixels, 8k train, 30 epochs: 37.5 % at 0.01, 30.6 % at 0.1.
+0.01 was best or within about a point everywhere; larger rates lose most on correlated (ill-conditioned) or
+small training sets, where the smaller step also acts as early stopping.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from sepp.errors import SeppError
+from sepp.eval.features import features_of, labels_of
+
+BASE_LR = 0.01  # per 256 samples in a batch
+
+
+def default_lr(batch_size: int) -> float:
+    return BASE_LR * batch_size / 256
+
+
+def _cosine(step: int, total: int) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+
+def _head(dim: int, num_classes: int, generator: torch.Generator) -> nn.Linear:
+    head = nn.Linear(dim, num_classes)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(num_classes, dim, generator=generator) * 0.01)
+        head.bias.zero_()
+    return head
+
+
+def _check(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, what: str) -> torch.Tensor:
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    if feats.shape[0] != labels.shape[0] or feats.shape[0] == 0:
+        raise SeppError(f"{feats.shape[0]} {what} features but {labels.shape[0]} labels; pass one label per "
+                        "row (and at least one row)")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise SeppError(f"{what} labels must lie in [0, {num_classes}), got range [{int(labels.min())}, "
+                        f"{int(labels.max())}]; use a labelled split")
+    return labels
+
+
+@torch.no_grad()
+def accuracy(model: Callable[[torch.Tensor], torch.Tensor], feats: torch.Tensor, labels: torch.Tensor,
+             num_classes: int, device: torch.device, batch_size: int = 4096) -> dict[str, float | None]:
+    """Top-1 and top-5 (None with fewer than 5 classes) accuracy in percent of ``model`` on features."""
+    hits1 = torch.zeros((), dtype=torch.int64, device=device)
+    hits5 = torch.zeros((), dtype=torch.int64, device=device)
+    for s in range(0, feats.shape[0], batch_size):
+        logits = model(feats[s:s + batch_size].to(device, torch.float32))
+        y = labels[s:s + batch_size].to(device)
+        top = logits.topk(min(5, num_classes), dim=1).indices
+        hits1 += (top[:, 0] == y).sum()
+        hits5 += (top == y[:, None]).any(dim=1).sum()
+    n = feats.shape[0]
+    return {"top1": 100.0 * hits1.item() / n, "top5": 100.0 * hits5.item() / n if num_classes >= 5 else None}
+
+
+def train_linear(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    epochs: int = 100,
+    lr: float | None = None,
+    batch_size: int = 256,
+    weight_decay: float = 0.0,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> dict:
+    """Linear probe on precomputed features; returns ``{"top1", "top5", "losses", "lr", "epochs"}``
+    (accuracies in percent on the test features, ``losses`` the mean training loss of each epoch).
+    ``lr`` defaults to ``default_lr(batch_size)``. Deterministic given ``seed`` on the CPU."""
+    if epochs < 1 or batch_size < 1:
+        raise SeppError(f"linear probe needs epochs >= 1 and batch_size >= 1, got {epochs}, {batch_size}")
+    device = torch.device(device)
+    lr = default_lr(batch_size) if lr is None else lr
+    train_labels = _check(train_feats, train_labels, num_classes, "training")
+    test_labels = _check(test_feats, test_labels, num_classes, "test")
+    x = train_feats.to(device, torch.float32)
+    y = train_labels.to(device)
+    mean = x.mean(dim=0)
+    std = x.std(dim=0, unbiased=False).clamp_min(1e-6)  # constant dimensions (dead ReLUs) stay zero
+    x = (x - mean) / std
+
+    g = torch.Generator().manual_seed(seed)
+    head = _head(x.shape[1], num_classes, g).to(device)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    n = x.shape[0]
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = epochs * steps_per_epoch
+    losses = []
+    step = 0
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g).to(device)
+        loss_sum = torch.zeros((), device=device)
+        for s in range(0, n, batch_size):
+            idx = perm[s:s + batch_size]
+            for group in opt.param_groups:
+                group["lr"] = lr * _cosine(step, total)
+            loss = F.cross_entropy(head(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * idx.shape[0]
+            step += 1
+        losses.append(loss_sum.item() / n)
+
+    def model(f: torch.Tensor) -> torch.Tensor:
+        return head((f - mean) / std)
+
+    result = accuracy(model, test_feats, test_labels, num_classes, device)
+    return {**result, "losses": losses, "lr": lr, "epochs": epochs}
+
+
+def train_linear_augmented(
+    backbone: nn.Module,
+    train_dataset: Dataset,
+    test_data,
+    num_classes: int,
+    epochs: int = 100,
+    lr: float | None = None,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    workers: int = 0,
+    amp: bool = True,
+    normalize: Callable | None = None,
+    eval_batch_size: int = 512,
+) -> dict:
+    """Standard-protocol linear probe: ``train_dataset`` must already apply the random-resized-crop + flip
+    training transform; ``test_data`` is an eval-transformed dataset or an ``(uint8 images, labels)`` pair
+    used with ``normalize``. Same return dict as ``train_linear``. The backbone is frozen and kept in eval
+    mode (its mode is restored afterwards). Deterministic given ``seed`` on the CPU with any ``workers``."""
+    if epochs < 1 or batch_size < 1:
+        raise SeppError(f"linear probe needs epochs >= 1 and batch_size >= 1, got {epochs}, {batch_size}")
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    lr = default_lr(batch_size) if lr is None else lr
+    train_labels = labels_of(train_dataset)  # fail early on unlabelled data
+    if train_labels.numel() == 0:
+        raise SeppError("the linear-probe training set is empty; check the data split and subset")
+    if int(train_labels.min()) < 0 or int(train_labels.max()) >= num_classes:
+        raise SeppError(f"training labels must lie in [0, {num_classes}); use a labelled split")
+    test_feats = features_of(backbone, test_data, device, eval_batch_size, amp, normalize, workers)
+    test_labels = _check(test_feats, labels_of(test_data), num_classes, "test")
+
+    g = torch.Generator().manual_seed(seed)
+    was_training = backbone.training
+    backbone.to(device).eval()
+    head = None
+    losses: list[float] = []
+    # With workers=0 the transforms draw from the global RNG: seed a forked copy so runs repeat and the
+    # caller's RNG state is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        loader = DataLoader(train_dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                            pin_memory=cuda, generator=g,
+                            # BatchNorm cannot train on a final batch of one sample
+                            drop_last=len(train_dataset) >= batch_size,
+                            persistent_workers=workers > 0)
+        total = epochs * len(loader)
+        step = 0
+        try:
+            for _ in range(epochs):
+                loss_sum = torch.zeros((), device=device)
+                seen = 0
+                for batch in loader:
+                    x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+                    with torch.no_grad():
+                        if cuda:
+                            x = x.contiguous(memory_format=torch.channels_last)
+                        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp and cuda):
+                            f = backbone(x)
+                        f = f.flatten(1).float()
+                    if head is None:
+                        head = nn.Sequential(nn.BatchNorm1d(f.shape[1], affine=False),
+                                             _head(f.shape[1], num_classes, g)).to(device)
+                        opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9,
+                                              weight_decay=weight_decay)
+                    for group in opt.param_groups:
+                        group["lr"] = lr * _cosine(step, total)
+                    loss = F.cross_entropy(head(f), y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    loss_sum += loss.detach() * y.shape[0]
+                    seen += y.shape[0]
+                    step += 1
+                losses.append(loss_sum.item() / max(seen, 1))
+        finally:
+            backbone.train(was_training)
+    head.eval()
+    result = accuracy(head, test_feats, test_labels, num_classes, device)
+    return {**result, "losses": losses, "lr": lr, "epochs": epochs}
