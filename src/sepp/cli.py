@@ -1,0 +1,156 @@
+"""The `sepp` command line.
+
+    sepp pretrain --config FILE [key=value ...]
+    sepp eval {knn,linear} --checkpoint FILE [key=value ...]
+    sepp export --checkpoint FILE --out FILE
+    sepp mine --checkpoint FILE [key=value ...]
+    sepp run --config FILE [key=value ...]
+    sepp demo [--out DIR] [key=value ...]
+    sepp augment-grid --config FILE [--out PNG] [key=value ...]
+
+Bad input ends with one ``error: ...`` line and exit status 2; an interrupt leaves a resumable checkpoint
+(exit status 130).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import SeppError
+
+
+def _pretrain(args):
+    from .config import load_config
+    from .engine.trainer import pretrain
+
+    summary = pretrain(load_config(args.config, args.overrides))
+    knn = summary["knn_top1"]
+    print(f"done: {summary['epochs']} epochs, {summary['steps']} steps in {summary['seconds']:.0f} s; "
+          f"checkpoint {Path(summary['out']) / 'last.pt'}" + (f"; knn_top1={knn:.2f}" if knn is not None else ""))
+
+
+def _eval(args):
+    from .eval.run import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.kind, args.checkpoint, args.overrides, out=args.out)
+    key = "knn_top1" if args.kind == "knn" else "linear_top1"
+    print(f"{key}={result[key]:.2f}  ({result['json']})")
+
+
+def _export(args):
+    from .models.export import export_backbone
+
+    info = export_backbone(args.checkpoint, args.out)
+    print(f"wrote {args.out} ({info['arch']}, cifar_stem={info['cifar_stem']}) and {args.out}.json")
+
+
+def _mine(args):
+    from .engine.checkpoint import config_from_checkpoint, load_checkpoint
+    from .engine.experiment import mine_checkpoint
+
+    cfg = config_from_checkpoint(load_checkpoint(args.checkpoint), args.overrides)
+    out = Path(cfg.mine.out) if cfg.mine.out else Path(args.checkpoint).parent / "mining"
+    stats = mine_checkpoint(args.checkpoint, cfg, out)
+    prec = stats.get("precision")
+    print(f"pairs={stats['num_pairs']} coverage={stats['coverage']:.3f}"
+          + (f" precision={prec:.3f}" if prec is not None else "") + f"  ({out / 'pairs.npz'})")
+
+
+def _run(args, config=None):
+    from .config import load_config
+    from .engine.experiment import comparison_table, run_experiment
+
+    overrides = list(args.overrides)
+    if getattr(args, "out", None):
+        overrides.append(f"out={args.out}")
+    results = run_experiment(load_config(config or args.config, overrides))
+    print()
+    print(comparison_table(results))
+    print(f"\nreport: {Path(results['sepp']['dir']).parent / 'report.md'}")
+
+
+def _augment_grid(args):
+    import torch
+
+    from .config import load_config, resolve
+    from .data.datasets import build_dataset
+    from .data.recipes import view_specs
+    from .report.augment_grid import save_augment_grid
+
+    cfg = resolve(load_config(args.config, args.overrides))
+    ds = build_dataset(cfg.data, split=cfg.data.split)
+    images = ds.uint8_images()
+    if images is None:
+        from torchvision.transforms.v2 import functional as F
+
+        images = torch.stack([F.center_crop(F.resize(F.pil_to_tensor(ds.load_image(i)), cfg.data.image_size),
+                                            cfg.data.image_size) for i in range(args.images)])
+    spec1, spec2 = view_specs(cfg.method, cfg.data.image_size, cfg.data.name)
+    save_augment_grid(images[: args.images], spec1, spec2, args.out, seed=cfg.seed)
+    print(f"wrote {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sepp", description="Self-supervised learning with semantic positive pairs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_overrides(sp):
+        sp.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.epochs=10")
+        return sp
+
+    sp = with_overrides(sub.add_parser("pretrain", help="self-supervised pretraining"))
+    sp.add_argument("--config", required=True, help="YAML file or shipped config name (e.g. cifar10_mocov2)")
+    sp.set_defaults(func=_pretrain)
+
+    sp = with_overrides(sub.add_parser("eval", help="kNN or linear evaluation of a checkpoint"))
+    sp.add_argument("kind", choices=["knn", "linear"])
+    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--out", help="result JSON (default: next to the checkpoint)")
+    sp.set_defaults(func=_eval)
+
+    sp = sub.add_parser("export", help="write the backbone as a torchvision ResNet state_dict")
+    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(func=_export)
+
+    sp = with_overrides(sub.add_parser("mine", help="mine semantic positive pairs with a checkpoint's encoder"))
+    sp.add_argument("--checkpoint", required=True)
+    sp.set_defaults(func=_mine)
+
+    sp = with_overrides(sub.add_parser("run", help="baseline, mining, SePP training, matched baseline, evaluation"))
+    sp.add_argument("--config", required=True)
+    sp.set_defaults(func=_run)
+
+    sp = with_overrides(sub.add_parser("demo", help="`sepp run` at CPU scale on real CIFAR-10 (<= 10 minutes)"))
+    sp.add_argument("--out", default="runs/demo")
+    sp.set_defaults(func=lambda a: _run(a, config="demo"))
+
+    sp = with_overrides(sub.add_parser("augment-grid", help="picture of augmented views (torchvision vs batched)"))
+    sp.add_argument("--config", required=True)
+    sp.add_argument("--out", default="augment_grid.png")
+    sp.add_argument("--images", type=int, default=6)
+    sp.set_defaults(func=_augment_grid)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .engine.trainer import Interrupted
+
+    try:
+        args.func(args)
+    except SeppError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Interrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Optimizers and the learning-rate schedule.
+
+LARS follows the form used by SimCLR/BYOL (and solo-learn): SGD with momentum whose per-layer step is
+scaled by ``eta * ||w|| / (||g|| + wd * ||w||)``; biases and normalisation parameters get neither weight decay
+nor the adaptation. PyTorch has no LARS, so it is written here with foreach ops (no per-parameter host syncs).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LARS(torch.optim.Optimizer):
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.02, exclude: bool = False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                                      exclude=exclude))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if not group["exclude"]:
+                wd = group["weight_decay"]
+                p_norm = torch._foreach_norm(params)
+                g_norm = torch._foreach_norm(grads)
+                for p, g, pn, gn in zip(params, grads, p_norm, g_norm):
+                    # trust ratio as a tensor: no .item(), no sync
+                    ratio = torch.where((pn > 0) & (gn > 0), group["eta"] * pn / (gn + wd * pn),
+                                        torch.ones_like(pn))
+                    g.add_(p, alpha=wd).mul_(ratio)
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+        return loss
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
+def build_optimizer(method: nn.Module, train_cfg, lr: float) -> torch.optim.Optimizer:
+    """SGD or LARS over the method's parameter groups. Groups a method marks ``fix_lr`` keep ``lr`` (SimSiam's
+    predictor); for LARS, biases and norm parameters go to an excluded group without decay/adaptation."""
+    groups = method.param_groups(lr) if hasattr(method, "param_groups") else [
+        {"name": "all", "params": [p for p in method.parameters() if p.requires_grad]}]
+    wd = train_cfg.weight_decay
+    if train_cfg.optimizer == "sgd":
+        for g in groups:
+            g.setdefault("lr", lr)
+        return torch.optim.SGD(groups, lr=lr, momentum=train_cfg.momentum, weight_decay=wd,
+                               foreach=True)
+    named = {id(p): n for n, p in method.named_parameters()}
+    lars_groups = []
+    for g in groups:
+        params = [p for p in g["params"] if p.requires_grad]
+        keep = {k: v for k, v in g.items() if k != "params"}
+        decay = [p for p in params if not _no_decay(named.get(id(p), ""), p)]
+        plain = [p for p in params if _no_decay(named.get(id(p), ""), p)]
+        if decay:
+            lars_groups.append({**keep, "params": decay})
+        if plain:
+            lars_groups.append({**keep, "params": plain, "weight_decay": 0.0, "exclude": True})
+    for g in lars_groups:
+        g.setdefault("lr", lr)
+    return LARS(lars_groups, lr=lr, momentum=train_cfg.momentum, weight_decay=wd)
+
+
+def lr_at(t: float, total: float, warmup: float, base_lr: float, min_lr: float = 0.0) -> float:
+    """Linear warmup to ``base_lr`` over ``warmup`` then half-cosine decay to ``min_lr`` at ``total``.
+
+    ``t`` is training progress in the same unit as ``total`` (the trainer uses fractional epochs, evaluated
+    at the end of the step being taken, so the first step's rate is not zero and the last one's is min_lr)."""
+    if warmup > 0 and t < warmup:
+        return base_lr * t / warmup
+    progress = (t - warmup) / max(total - warmup, 1e-12)
+    progress = min(max(progress, 0.0), 1.0)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, base_lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = base_lr if g.get("fix_lr") else lr

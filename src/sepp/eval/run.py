@@ -1,0 +1,73 @@
+"""`sepp eval knn|linear` on a checkpoint: features of the frozen backbone, a JSON result, one printed line."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import SeppError
+
+
+def _splits(cfg):
+    from ..engine.trainer import eval_data
+
+    train = eval_data(cfg, cfg.data.split, cfg.data.subset)
+    test = eval_data(cfg, cfg.data.eval_split, cfg.data.eval_subset)
+    for ds in (train, test):
+        if ds.labels is None or (ds.labels < 0).all():
+            raise SeppError(f"evaluation needs labels; split {ds.split!r} of {ds.name} has none — set "
+                            "data.split / data.eval_split to labelled splits (e.g. train and test)")
+    return train, test
+
+
+def knn_from_method(method, cfg) -> float:
+    from ..engine.trainer import knn_eval
+
+    return knn_eval(method.backbone, cfg, torch.device(cfg.device), {})
+
+
+def linear_from_method(method, cfg) -> dict:
+    from ..engine.trainer import features
+    from ..eval.linear import train_linear, train_linear_augmented
+
+    device = torch.device(cfg.device)
+    train, test = _splits(cfg)
+    keep = torch.as_tensor(train.labels >= 0)
+    ytr = torch.as_tensor(train.labels)[keep]
+    yte = torch.as_tensor(test.labels)
+    lr = cfg.eval.linear_lr * cfg.eval.linear_batch_size / 256
+    common = dict(num_classes=len(train.classes), epochs=cfg.eval.linear_epochs, lr=lr,
+                  batch_size=cfg.eval.linear_batch_size, weight_decay=cfg.eval.linear_weight_decay,
+                  device=device, seed=cfg.seed)
+    if cfg.eval.linear_precomputed:
+        ftr = features(method.backbone, train, cfg, device)[keep]
+        fte = features(method.backbone, test, cfg, device)
+        return train_linear(ftr, ytr, fte, yte, **common)
+    from ..data.transforms import linear_train_transform
+
+    aug = train.with_transform(linear_train_transform(cfg.data.image_size, cfg.data.name))
+    return train_linear_augmented(method.backbone, aug, test, **common)
+
+
+def evaluate_checkpoint(kind: str, checkpoint: str, overrides=(), out: str | None = None) -> dict:
+    from ..engine.checkpoint import load_trained
+
+    method, cfg, ckpt = load_trained(checkpoint, overrides)
+    t0 = time.time()
+    result = {"checkpoint": str(checkpoint), "epoch": ckpt["epoch"], "method": cfg.method,
+              "dataset": cfg.data.name, "train_split": cfg.data.split, "test_split": cfg.data.eval_split}
+    if kind == "knn":
+        result.update(knn_top1=knn_from_method(method, cfg), k=cfg.eval.knn_k, t=cfg.eval.knn_t)
+    elif kind == "linear":
+        res = linear_from_method(method, cfg)
+        result.update(linear_top1=res["top1"], linear_top5=res.get("top5"),
+                      precomputed=bool(cfg.eval.linear_precomputed), epochs=cfg.eval.linear_epochs)
+    else:
+        raise SeppError(f"unknown evaluation {kind!r}; choose knn or linear")
+    result["seconds"] = time.time() - t0
+    path = Path(out) if out else Path(checkpoint).with_name(f"{Path(checkpoint).stem}_{kind}.json")
+    path.write_text(json.dumps(result, indent=2))
+    result["json"] = str(path)
+    return result
