@@ -54,22 +54,30 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--nlist", type=int, default=None, help="FAISS IVF cells (default 4 sqrt(N))")
     ap.add_argument("--nprobe", type=int, default=None, help="FAISS cells visited per query")
     ap.add_argument("--no-faiss", action="store_true", help="skip FAISS")
+    ap.add_argument("--backends", default="fp32,bf16,faiss",
+                    help="comma list of fp32, bf16 (CUDA only), faiss; the first is the recall reference")
     ap.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     args = ap.parse_args(argv)
 
     x = clustered_embeddings(args.n, args.d, args.clusters)
     flops = 2.0 * args.n * args.n * args.d
     dev = torch.device(args.device)
-    # Warm-up: kernel selection / allocator, so the timed runs measure steady state.
-    topk_exact(x[:2048], args.k, args.chunk, dev, "fp32")
-
-    runs = [("exact fp32", lambda: topk_exact(x, args.k, args.chunk, dev, "fp32"))]
-    if dev.type == "cuda":
-        topk_exact(x[:2048], args.k, args.chunk, dev, "bf16")
-        runs.append(("exact bf16", lambda: topk_exact(x, args.k, args.chunk, dev, "bf16")))
-    if not args.no_faiss:
-        gpu = "auto" if dev.type == "cuda" else False
-        runs.append(("faiss", lambda: topk_faiss(x, args.k, args.nlist, args.nprobe, use_gpu=gpu)))
+    # Each exact backend is warmed up on a small slice first (kernel selection, allocator).
+    wanted = [b for b in args.backends.split(",") if b]
+    if args.no_faiss:
+        wanted = [b for b in wanted if b != "faiss"]
+    runs = []
+    for name in wanted:
+        if name in ("fp32", "bf16"):
+            if name == "bf16" and dev.type != "cuda":
+                continue
+            topk_exact(x[:2048], args.k, args.chunk, dev, name)
+            runs.append((f"exact {name}", lambda p=name: topk_exact(x, args.k, args.chunk, dev, p)))
+        elif name == "faiss":
+            gpu = "auto" if dev.type == "cuda" else False
+            runs.append(("faiss", lambda: topk_faiss(x, args.k, args.nlist, args.nprobe, use_gpu=gpu)))
+        else:
+            ap.error(f"unknown backend {name!r}")
 
     results, ref = [], None
     for name, fn in runs:

@@ -14,7 +14,7 @@ from sepp.methods import build_method
 def test_short_training_beats_initialisation_by_5_points(cifar_root, tmp_path):
     overrides = tiny_overrides(cifar_root, tmp_path, method="simclr", subset=4000, batch=128, epochs=4,
                                **{"data.eval_subset": 2000, "eval.knn_k": 200, "train.warmup_epochs": 0,
-                                  "train.log_every": 50, "simclr.proj_hidden_dim": 2048})
+                                  "train.log_every": 50, "simclr.proj_hidden_dim": 2048, "train.knn_every": 0})
     cfg = load_config("cifar10_simclr", overrides)
     torch.manual_seed(cfg.seed)  # the same initial weights pretrain() starts from
     init = knn_eval(build_method(resolve(cfg)).backbone, resolve(cfg), torch.device("cpu"), {})

@@ -61,7 +61,9 @@ def _states_equal(a: dict, b: dict):
 def test_resume_equals_straight_run(cifar_root, tmp_path, pipeline):
     extra = {"data.pipeline": pipeline}
     pretrain(_cfg(cifar_root, tmp_path / "straight", subset=96, batch=32, epochs=2, **extra), progress=False)
-    pretrain(_cfg(cifar_root, tmp_path / "split", subset=96, batch=32, epochs=1, **extra), progress=False)
+    first = pretrain(_cfg(cifar_root, tmp_path / "split", subset=96, batch=32, epochs=2,
+                          **{**extra, "train.stop_at_epoch": 1}), progress=False)
+    assert first["status"] == "paused" and first["epochs"] == 1
     pretrain(_cfg(cifar_root, tmp_path / "split", subset=96, batch=32, epochs=2,
                   **{**extra, "train.resume": "true"}), progress=False)
     a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
@@ -183,3 +185,46 @@ def test_not_a_checkpoint_is_one_line(tmp_path, capsys):
     assert cli(["eval", "knn", "--checkpoint", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert "cannot be read" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("precomputed", ["true", "false"])
+def test_eval_linear_cli(cifar_root, tmp_path, capsys, precomputed):
+    pretrain(_cfg(cifar_root, tmp_path, subset=64, batch=32), progress=False)
+    assert cli(["eval", "linear", "--checkpoint", str(tmp_path / "last.pt"), f"data.root={cifar_root}",
+                "data.subset=200", "data.eval_subset=200", "eval.linear_epochs=2",
+                f"eval.linear_precomputed={precomputed}", "--out", str(tmp_path / "lin.json")]) == 0
+    assert "linear_top1=" in capsys.readouterr().out
+    import json
+
+    result = json.loads((tmp_path / "lin.json").read_text())
+    assert 0 <= result["linear_top1"] <= 100 and result["epochs"] == 2
+
+
+def test_augment_grid_cli(cifar_root, tmp_path):
+    out = tmp_path / "grid.png"
+    assert cli(["augment-grid", "--config", "cifar10_byol", "--out", str(out), "--images", "3",
+                f"data.root={cifar_root}", "data.subset=10", "device=cpu"]) == 0
+    from PIL import Image
+
+    w, h = Image.open(out).size
+    assert w > 300 and h > 100
+
+
+def test_torchrun_two_processes_train_and_resume(cifar_root, tmp_path):
+    """The whole trainer under torchrun (gloo, 2 CPU processes): one checkpoint, one metrics file, resumable."""
+    out = tmp_path / "ddp"
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "sepp.cli", "pretrain", "--config", "cifar10_mocov2",
+            *tiny_overrides(cifar_root, out, subset=128, batch=32, epochs=2, **{"train.knn_every": 1,
+                                                                              "train.stop_at_epoch": 1})]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(base, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert first.stdout.count("epoch 1/2") == 1  # only rank 0 prints
+    second = subprocess.run(base + ["train.resume=true", "train.stop_at_epoch=0"], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * (128 // 32)  # global batch 32 = 2 x 16
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and all(r["knn_top1"] for r in rows)

@@ -14,6 +14,7 @@ Bad input ends with one ``error: ...`` line and exit status 2; an interrupt leav
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,9 @@ def _pretrain(args):
 
     summary = pretrain(load_config(args.config, args.overrides))
     knn = summary["knn_top1"]
+    if summary["status"] == "paused":
+        print(f"paused after epoch {summary['epochs']} (train.stop_at_epoch); continue with train.resume=true")
+        return
     print(f"done: {summary['epochs']} epochs, {summary['steps']} steps in {summary['seconds']:.0f} s; "
           f"checkpoint {Path(summary['out']) / 'last.pt'}" + (f"; knn_top1={knn:.2f}" if knn is not None else ""))
 
@@ -135,10 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may come before or after options (`eval knn --checkpoint C key=value`)
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    from .engine import distributed as dist_utils
     from .engine.trainer import Interrupted
 
     try:
+        dist_utils.init_distributed()  # no-op unless launched by torchrun; makes only rank 0 print
+        if not dist_utils.is_main():
+            sys.stdout = open(os.devnull, "w")
         args.func(args)
     except SeppError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -103,7 +103,8 @@ class TrainConfig:
     save_every: int = 50  # epochs between kept checkpoints (last.pt is written every epoch)
     knn_every: int = 10  # epochs between kNN monitors (0: only at the end; -1: never)
     log_every: int = 50  # steps between reads of the loss from the device
-    max_steps: int = 0  # > 0: stop after this many optimizer steps (benchmarks, smoke tests)
+    max_steps: int = 0  # > 0: train exactly this many optimizer steps (the schedule spans them)
+    stop_at_epoch: int = 0  # > 0: pause (resumably) after this epoch, e.g. to fit a job's time limit
 
 
 @dataclass
@@ -190,7 +191,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 POSITIVE = ("train.epochs", "train.batch_size", "eval.knn_k", "eval.batch_size", "mine.k", "mine.chunk_size",
             "mine.batch_size", "eval.linear_batch_size", "eval.linear_epochs")
 NON_NEGATIVE = ("data.subset", "data.eval_subset", "train.lr", "train.weight_decay", "train.warmup_epochs",
-                "train.max_steps", "sepp.remine_every", "run.baseline_epochs", "run.sepp_epochs")
+                "train.max_steps", "train.stop_at_epoch", "sepp.remine_every", "run.baseline_epochs", "run.sepp_epochs")
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:

@@ -292,9 +292,14 @@ def _md5(path: str) -> str:
     return _MD5_CACHE[key]
 
 
+_WARNED: set = set()
+
+
 def _warn_if_modified(folder: Path, files) -> None:
     changed = [f for f, md5 in files if md5 is not None and _md5(str(folder / f)) != md5]
-    if changed:
+    key = (os.path.abspath(folder), tuple(changed))
+    if changed and key not in _WARNED:  # once per process and file set, not on every build
+        _WARNED.add(key)
         warnings.warn(f"{folder}: md5 of {', '.join(changed)} does not match the official release "
                       f"(a modified copy?); loading anyway", UserWarning, stacklevel=4)
 

@@ -43,3 +43,11 @@ def eval_transform(size: int, dataset_name: str) -> v2.Compose:
     else:
         geometry = [v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)]
     return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def linear_train_transform(size: int, dataset_name: str) -> v2.Compose:
+    """Training view of the standard linear-evaluation protocol (MoCo/SimSiam ``main_lincls.py``): random
+    resized crop and horizontal flip, nothing else."""
+    mean, std = mean_std(dataset_name)
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])

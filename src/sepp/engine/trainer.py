@@ -134,6 +134,18 @@ def load_pairs_for(cfg, dataset):
     return pairs
 
 
+def wrap_ddp(method, device, local_rank):
+    """DDP without per-step buffer broadcasts: the MoCo queue and BN statistics are kept consistent by the
+    methods themselves (gathered keys), and re-sending a 65536-key queue every step would cost bandwidth.
+    Buffers are still synchronised once at construction (all ranks also seed identically)."""
+    import inspect
+
+    ddp = torch.nn.parallel.DistributedDataParallel
+    flag = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+            else "broadcast_buffers")  # renamed in torch 2.14; 2.11 knows only broadcast_buffers
+    return ddp(method, device_ids=[local_rank] if device.type == "cuda" else None, **{flag: False})
+
+
 def scaled_lr(cfg) -> float:
     return cfg.train.lr * (cfg.train.batch_size / 256 if cfg.train.lr_scaling == "linear" else 1.0)
 
@@ -283,8 +295,7 @@ def pretrain(cfg: DictConfig, progress: bool = True, init_state: Optional[dict] 
 
     model = method
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            method, device_ids=[local_rank] if device.type == "cuda" else None, broadcast_buffers=False)
+        model = wrap_ddp(method, device, local_rank)
     if cfg.train.compile:
         model = torch.compile(model)
 
@@ -377,6 +388,9 @@ def pretrain(cfg: DictConfig, progress: bool = True, init_state: Optional[dict] 
             completed = done
             dist_utils.barrier()
             if reached_max:
+                break
+            if cfg.train.stop_at_epoch and done >= cfg.train.stop_at_epoch and done < epochs:
+                status = "paused"
                 break
     log.close()
     summary = {"out": str(out), "status": status, "epochs": completed,
