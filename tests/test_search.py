@@ -178,7 +178,7 @@ class TinyImages(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        return self.normalize(self.images[i:i + 1])[0], 0, i
+        return self.normalize(self.images[i:i + 1].float() / 255)[0], 0, i
 
 
 def tiny_encoder() -> nn.Module:
@@ -200,7 +200,7 @@ def test_embed_paths_agree(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(ref, axis=1), 1.0, atol=1e-6)
     with torch.no_grad():
         enc.eval()
-        direct = torch.nn.functional.normalize(enc(TinyImages(images).normalize(images)), dim=1).numpy()
+        direct = torch.nn.functional.normalize(enc(TinyImages(images).normalize(images.float() / 255)), dim=1).numpy()
     np.testing.assert_allclose(ref, direct, atol=1e-5)
 
     mm = embed(enc, TinyImages(images), "cpu", batch_size=5, out_path=tmp_path / "e.npy")

@@ -6,7 +6,7 @@ or written into one shared ``.npy`` memmap, so every rank ends up with the full 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +14,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
 from sepp.errors import SeppError
+from sepp.eval.features import iter_features
 
 # Rows per all_gather call: bounds the communication buffer (65536 x 2048 x 4 B = 512 MiB per rank).
 _GATHER_ROWS = 65536
@@ -28,12 +29,13 @@ def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
 
 
 def uint8_normalizer(mean, std) -> Callable[[Tensor], Tensor]:
-    """uint8 ``[B, 3, H, W]`` -> float32 normalised, on the batch's device (for tensor-resident datasets)."""
+    """[0, 1] float ``[B, 3, H, W]`` -> normalised, on the batch's device (for uint8 tensor-resident datasets;
+    ``iter_features`` scales the uint8 images to [0, 1] first)."""
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
     def normalize(x: Tensor) -> Tensor:
-        return (x.float().div_(255.0) - m.to(x.device)) / s.to(x.device)
+        return (x - m.to(x.device)) / s.to(x.device)
 
     return normalize
 
@@ -67,33 +69,6 @@ def all_gather_rows(local: np.ndarray, n: int, rank: int, world: int) -> np.ndar
     return np.concatenate([p for r in range(world) for p in parts[r]], axis=0)
 
 
-def _batches(data, lo: int, hi: int, batch_size: int, device: torch.device, normalize, workers: int
-             ) -> Iterator[tuple[int, Tensor]]:
-    """Yield ``(first_row, normalised_batch_on_device)`` for rows ``[lo, hi)`` in order."""
-    if isinstance(data, Tensor):
-        for s in range(lo, hi, batch_size):
-            x = data[s:min(s + batch_size, hi)].to(device, non_blocking=True)
-            yield s, normalize(x)
-        return
-    loader = DataLoader(Subset(data, range(lo, hi)), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, pin_memory=device.type == "cuda", drop_last=False)
-    expected = lo
-    for batch in loader:
-        x, ids = batch[0], batch[2]
-        # The contract is __getitem__(i) -> (image, label, i); rows are written in dataset order.
-        if int(ids[0]) != expected:
-            raise SeppError(f"dataset returned index {int(ids[0])} for row {expected}; "
-                            "its items must be (image, label, index) in dataset order")
-        yield expected, x.to(device, non_blocking=True)
-        expected += len(x)
-
-
-def _forward(encoder: nn.Module, x: Tensor, amp: bool) -> Tensor:
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and x.device.type == "cuda"):
-        z = encoder(x)
-    return F.normalize(z.float().flatten(1), dim=1)
-
-
 @torch.no_grad()
 def embed(encoder: nn.Module, data: Dataset | Tensor, device: str | torch.device = "cpu",
           batch_size: int = 512, amp: bool = True, out_path: str | os.PathLike | None = None,
@@ -124,23 +99,17 @@ def embed(encoder: nn.Module, data: Dataset | Tensor, device: str | torch.device
                         "launch with torchrun")
     lo, hi = shard_range(n, rank, world)
 
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        # One image tells every rank the width, including ranks whose shard is empty.
-        first = next(_batches(data, 0, 1, 1, device, normalize, 0))[1]
-        dim = _forward(encoder, first, amp).shape[1]
-        if out_path is not None:
-            out = _open_shared_memmap(Path(out_path), n, dim, rank, world)
-            offset = 0
-        else:
-            out = np.empty((hi - lo, dim), dtype=np.float32)
-            offset = lo
-        for s, x in _batches(data, lo, hi, batch_size, device, normalize, workers):
-            z = _forward(encoder, x, amp)
-            out[s - offset: s - offset + len(z)] = z.cpu().numpy()
-    finally:
-        encoder.train(was_training)
+    # One image tells every rank the width, including ranks whose shard is empty.
+    _, first = next(iter_features(encoder, data, device, 1, amp, normalize, 0, 0, 1))
+    dim = first.shape[1]
+    if out_path is not None:
+        out = _open_shared_memmap(Path(out_path), n, dim, rank, world)
+        offset = 0
+    else:
+        out = np.empty((hi - lo, dim), dtype=np.float32)
+        offset = lo
+    for s, f in iter_features(encoder, data, device, batch_size, amp, normalize, workers, lo, hi):
+        out[s - offset: s - offset + len(f)] = F.normalize(f, dim=1).cpu().numpy()
 
     if out_path is not None:
         out.flush()

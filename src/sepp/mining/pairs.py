@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sepp.errors import SeppError
+from sepp.fileio import atomic_write
 
 
 @dataclass
@@ -61,19 +61,7 @@ def save_pairs(path: str | os.PathLike, i, j, sim, meta: dict) -> None:
     sim = np.asarray(sim, dtype=np.float32)
     if not (i.ndim == j.ndim == sim.ndim == 1 and len(i) == len(j) == len(sim)):
         raise ValueError(f"i, j, sim must be 1-D of equal length, got {i.shape}, {j.shape}, {sim.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, i=i, j=j, sim=sim, meta=np.array(json.dumps(meta, sort_keys=True)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: np.savez(f, i=i, j=j, sim=sim, meta=np.array(json.dumps(meta, sort_keys=True))))
 
 
 def load_pairs(path: str | os.PathLike) -> Pairs:
