@@ -59,7 +59,9 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, z1_all
         rows = torch.arange(b, device=z1.device) + offset
         self_col = torch.cat([rows, rows + n])
         pos_col = torch.cat([rows + n, rows])
-        logits = logits.masked_fill(F.one_hot(self_col, 2 * n).bool(), float("-inf"))
+        # comparison instead of F.one_hot, whose CUDA range check reads a value back to the host
+        is_self = self_col[:, None] == torch.arange(2 * n, device=z1.device)[None, :]
+        logits = logits.masked_fill(is_self, float("-inf"))
         return F.cross_entropy(logits, pos_col)
 
 

@@ -40,22 +40,18 @@ def write_report(out: Path, results: dict, stats: dict, cfg) -> Path:
               f"| {m['num_pairs']} | {m['num_images']} | {_pct(m['coverage'], 100)} % | "
               f"{'n/a (no labels; never used for mining)' if m['precision'] is None else _pct(m['precision'], 100) + ' %'} |",
               ""]
-    q = stats.get("similarity_quantiles") or stats.get("sim_quantiles")
-    if q:
-        lines += ["Similarity quantiles: " + ", ".join(f"{k}: {v:.3f}" for k, v in q.items()), ""]
-    per_class = stats.get("per_class_precision")
+    q = stats.get("sim")
+    if q and None not in q.values():
+        lines += ["Cosine similarity of kept pairs: " + ", ".join(f"{k} {v:.3f}" for k, v in q.items()), ""]
+    per_class = stats.get("per_class")
     if per_class:
-        lines += ["| class | precision (%) |", "|---|---|"]
-        items = per_class.items() if isinstance(per_class, dict) else enumerate(per_class)
-        lines += [f"| {k} | {_pct(v, 100)} |" for k, v in items]
+        lines += ["| anchor class | pairs | precision (%) |", "|---|---|---|"]
+        lines += [f"| {name} | {c['pairs']} | {_pct(c['precision'], 100)} |" for name, c in per_class.items()]
         lines.append("")
-    confused = stats.get("top_confusions")
+    confused = stats.get("top_confused")
     if confused:
-        lines += ["Most frequent wrong-class pairs:", ""]
-        for c in confused[:10]:
-            lines.append(f"- {c}" if not isinstance(c, dict) else
-                         "- " + ", ".join(f"{k}: {v}" for k, v in c.items()))
-        lines.append("")
+        lines += ["Most frequent wrong-class pairs: " + ", ".join(
+            f"{' / '.join(c['classes'])} ({c['count']})" for c in confused[:10]) + ".", ""]
     lines += ["![anchors and their mined partners](pairs_gallery.png)", "",
               "![similarity of mined pairs](similarity_hist.png)", "", "## Time", "",
               "| phase | seconds |", "|---|---|"]
