@@ -38,7 +38,8 @@ def pairs_gallery(get_image: Callable[[int], np.ndarray], i, j, sim, path: str |
     uniq = np.unique(i)
     rng = np.random.default_rng(seed)
     chosen = rng.choice(uniq, size=min(anchors, len(uniq)), replace=False) if len(uniq) else []
-    cols = 1 + partners
+    most = max((int((i == a).sum()) for a in chosen), default=0)
+    cols = 1 + max(1, min(partners, most))  # no empty columns when k is small
     rows = max(1, len(chosen))
     fig = Figure(figsize=(1.6 * cols, 1.8 * rows))
     if not len(chosen):
