@@ -84,14 +84,7 @@ def embed(encoder: nn.Module, data: Dataset | Tensor, device: str | torch.device
     share. Every rank returns the full array.
     """
     device = torch.device(device)
-    if isinstance(data, Tensor):
-        if data.dtype != torch.uint8 or data.dim() != 4:
-            raise SeppError(f"embed() got a {data.dtype} tensor of shape {tuple(data.shape)}; "
-                            "pass uint8 images [N, 3, H, W] or an IndexedDataset")
-        if normalize is None:
-            raise SeppError("embed() of a uint8 tensor needs normalize=; "
-                            "pass sepp.mining.embed.uint8_normalizer(mean, std)")
-    n = len(data)
+    n = len(data)  # input checks (uint8 layout, normalize given) happen in iter_features
     if n == 0:
         raise SeppError("embed() got an empty dataset; check data.root / data.subset")
     if world > 1 and not (dist.is_available() and dist.is_initialized()):
