@@ -25,7 +25,8 @@ class DataConfig:
     name: str = "cifar10"
     root: Optional[str] = None  # default: $SEPP_DATA, else ./data
     split: str = "train"
-    eval_split: str = "test"  # kNN / linear test split; the kNN memory bank and linear train split is `split`
+    eval_split: str = "test"  # kNN / linear test split
+    eval_train_split: Optional[str] = None  # kNN memory bank and linear-probe training split (None: split)
     subset: int = 0  # N > 0: a fixed, class-balanced subset of N training images
     eval_subset: int = 0  # same for the evaluation split
     download: bool = False

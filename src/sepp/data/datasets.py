@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from abc import ABC, abstractmethod
 import os
 import warnings
 from pathlib import Path
@@ -37,8 +38,10 @@ _TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "stl10": "STL-10", "i
 _SUBSET_SEED = 0x5E99
 
 
-class IndexedDataset(torch.utils.data.Dataset):
+class IndexedDataset(torch.utils.data.Dataset, ABC):
     """``ds[i] -> (transform(image), label, i)``; label is -1 where unknown."""
+
+    in_memory = False  # True: uint8_images() returns the whole set (device-resident pipeline possible)
 
     def __init__(self, name: str, split: str, labels: np.ndarray | None, classes: list[str] | None,
                  transform: Callable | None = None, source_indices: np.ndarray | None = None):
@@ -51,12 +54,12 @@ class IndexedDataset(torch.utils.data.Dataset):
         self.source_indices = source_indices
         self._fingerprint: str | None = None
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int: ...
 
+    @abstractmethod
     def load_image(self, i: int) -> Image.Image:
         """The un-augmented RGB image ``i``."""
-        raise NotImplementedError
 
     def uint8_images(self) -> torch.Tensor | None:
         """All images as one uint8 ``[N, 3, H, W]`` tensor for in-memory datasets, else None."""
@@ -68,8 +71,8 @@ class IndexedDataset(torch.utils.data.Dataset):
             self._fingerprint = self._compute_fingerprint()
         return self._fingerprint
 
-    def _compute_fingerprint(self) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def _compute_fingerprint(self) -> str: ...
 
     def with_transform(self, transform: Callable | None) -> IndexedDataset:
         """The same images under another transform (the image data is shared, not copied)."""
@@ -90,6 +93,8 @@ class IndexedDataset(torch.utils.data.Dataset):
 
 class ArrayDataset(IndexedDataset):
     """Images held in memory as a uint8 ``[N, H, W, 3]`` array (CIFAR, STL-10)."""
+
+    in_memory = True
 
     def __init__(self, name: str, split: str, images: np.ndarray, labels: np.ndarray | None,
                  classes: list[str] | None, transform: Callable | None = None,

@@ -104,7 +104,7 @@ def set_epoch(loader, epoch: int, seed: int) -> None:
 
 
 def choose_pipeline(cfg, dataset) -> str:
-    in_memory = dataset.uint8_images() is not None
+    in_memory = dataset.in_memory
     if cfg.data.pipeline == "device" and not in_memory:
         raise SeppError(f"data.pipeline=device needs an in-memory dataset (CIFAR, STL-10); "
                         f"{cfg.data.name} is read from files — use data.pipeline=loader or auto")
@@ -162,11 +162,13 @@ def eval_data(cfg, split: str, subset: int):
     return ds
 
 
-def features(backbone, ds, cfg, device):
+def features(backbone, ds, cfg, device, images=None):
+    """Backbone features of an evaluation split; ``images``: its uint8 tensor (fast path, no decoding)."""
     from ..data.recipes import mean_std
     from ..eval.features import extract_features
 
-    images = ds.uint8_images()
+    if images is None and ds.in_memory:
+        images = ds.uint8_images()
     if images is not None and images.shape[-1] == cfg.data.image_size:
         mean, std = mean_std(cfg.data.name)
         m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
@@ -176,21 +178,27 @@ def features(backbone, ds, cfg, device):
     return extract_features(backbone, ds, device, batch_size=cfg.eval.batch_size)
 
 
+def eval_train_split(cfg) -> str:
+    """The labelled split that serves as kNN memory bank and linear-probe training set."""
+    return cfg.data.eval_train_split or cfg.data.split
+
+
 def knn_eval(backbone, cfg, device, cache: dict) -> float:
+    """Weighted kNN top-1 of ``backbone``; ``cache`` keeps the datasets (and their uint8 tensors, on the
+    device) between the monitor's calls."""
     from ..eval.knn import knn_top1
 
     if "train" not in cache:
-        cache["train"] = eval_data(cfg, cfg.data.split, cfg.data.subset)
-        cache["test"] = eval_data(cfg, cfg.data.eval_split, cfg.data.eval_subset)
-    train, test = cache["train"], cache["test"]
+        for key, split, subset in (("train", eval_train_split(cfg), cfg.data.subset),
+                                   ("test", cfg.data.eval_split, cfg.data.eval_subset)):
+            ds = eval_data(cfg, split, subset)
+            cache[key] = (ds, ds.uint8_images().to(device) if ds.in_memory else None)
+    (train, train_images), (test, test_images) = cache["train"], cache["test"]
     if train.labels is None or test.labels is None or (train.labels < 0).all():
-        raise SeppError(f"kNN evaluation needs labels; split {cfg.data.split!r} of {cfg.data.name} has none "
-                        "— set data.split to a labelled split for evaluation")
-    was_training = backbone.training
-    backbone.eval()
-    ftr = features(backbone, train, cfg, device)
-    fte = features(backbone, test, cfg, device)
-    backbone.train(was_training)
+        raise SeppError(f"kNN evaluation needs labels; split {train.split!r} of {cfg.data.name} has none "
+                        "— set data.eval_train_split to a labelled split (e.g. train)")
+    ftr = features(backbone, train, cfg, device, train_images)
+    fte = features(backbone, test, cfg, device, test_images)
     keep = torch.as_tensor(train.labels >= 0)
     return knn_top1(ftr[keep], torch.as_tensor(train.labels)[keep], fte, torch.as_tensor(test.labels),
                     num_classes=len(train.classes), k=cfg.eval.knn_k, t=cfg.eval.knn_t, device=device)

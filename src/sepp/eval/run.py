@@ -11,14 +11,14 @@ from ..errors import SeppError
 
 
 def _splits(cfg):
-    from ..engine.trainer import eval_data
+    from ..engine.trainer import eval_data, eval_train_split
 
-    train = eval_data(cfg, cfg.data.split, cfg.data.subset)
+    train = eval_data(cfg, eval_train_split(cfg), cfg.data.subset)
     test = eval_data(cfg, cfg.data.eval_split, cfg.data.eval_subset)
     for ds in (train, test):
         if ds.labels is None or (ds.labels < 0).all():
             raise SeppError(f"evaluation needs labels; split {ds.split!r} of {ds.name} has none — set "
-                            "data.split / data.eval_split to labelled splits (e.g. train and test)")
+                            "data.eval_train_split / data.eval_split to labelled splits (e.g. train and test)")
     return train, test
 
 
@@ -53,11 +53,12 @@ def linear_from_method(method, cfg) -> dict:
 
 def evaluate_checkpoint(kind: str, checkpoint: str, overrides=(), out: str | None = None) -> dict:
     from ..engine.checkpoint import load_trained
+    from ..engine.trainer import eval_train_split
 
     method, cfg, ckpt = load_trained(checkpoint, overrides)
     t0 = time.time()
     result = {"checkpoint": str(checkpoint), "epoch": ckpt["epoch"], "method": cfg.method,
-              "dataset": cfg.data.name, "train_split": cfg.data.split, "test_split": cfg.data.eval_split}
+              "dataset": cfg.data.name, "train_split": eval_train_split(cfg), "test_split": cfg.data.eval_split}
     if kind == "knn":
         result.update(knn_top1=knn_from_method(method, cfg), k=cfg.eval.knn_k, t=cfg.eval.knn_t)
     elif kind == "linear":
