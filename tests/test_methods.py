@@ -235,3 +235,39 @@ def test_build_method_errors():
         build_method(config("swav"))
     with pytest.raises(SeppError, match="tempreature"):
         build_method(config("simclr", tempreature=0.2))
+
+
+def test_split_batchnorm_normalises_each_group_and_keeps_state_keys():
+    from sepp.models.backbones import SplitBatchNorm2d, split_batchnorm
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4) * 3 + 1
+    bn = SplitBatchNorm2d(3, num_splits=2)
+    y = bn(x)
+    for g in range(2):  # group g = samples g, g+2, g+4, g+6, normalised with their own statistics
+        xg = x[g::2]
+        ref = (xg - xg.mean((0, 2, 3), keepdim=True)) / torch.sqrt(xg.var((0, 2, 3), unbiased=False,
+                                                                          keepdim=True) + bn.eps)
+        torch.testing.assert_close(y[g::2], ref, atol=1e-5, rtol=1e-5)
+    running = torch.stack([0.1 * x[g::2].mean((0, 2, 3)) for g in range(2)]).mean(0)
+    torch.testing.assert_close(bn.running_mean, running)
+    bn.eval()
+    torch.testing.assert_close(bn(x), torch.nn.functional.batch_norm(
+        x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    keys = net.state_dict().keys()
+    split_batchnorm(net, 4)
+    assert isinstance(net[1], SplitBatchNorm2d) and net.state_dict().keys() == keys
+
+
+def test_moco_single_process_split_shuffle_trains():
+    from sepp.models.backbones import SplitBatchNorm2d, build_backbone
+
+    backbone, dim = build_backbone("resnet18_narrow", True)
+    model = MoCoV2(backbone, dim, proj_hidden_dim=16, proj_dim=8, queue_size=16, bn="shuffle", bn_splits=4)
+    assert model.split_shuffle
+    assert any(isinstance(m, SplitBatchNorm2d) for m in model.momentum_backbone.modules())
+    x1, x2, ids = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32), torch.arange(8)
+    out = model(x1, x2, ids, ids)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])

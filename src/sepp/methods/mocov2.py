@@ -19,6 +19,7 @@ from sepp.engine import distributed as D
 from sepp.errors import SeppError
 from sepp.methods.losses import info_nce
 from sepp.methods.queue import MemoryQueue, ema_update, frozen_copy
+from sepp.models.backbones import split_batchnorm
 from sepp.models.heads import mlp
 
 BN_MODES = ("shuffle", "sync", "none")
@@ -29,13 +30,18 @@ class MoCoV2(nn.Module):
 
     def __init__(self, backbone: nn.Module, feat_dim: int, *, proj_hidden_dim: int = 2048, proj_dim: int = 128,
                  queue_size: int = 65536, temperature: float = 0.2, momentum: float = 0.999,
-                 symmetric: bool = False, bn: str = "shuffle"):
+                 symmetric: bool = False, bn: str = "shuffle", bn_splits: int = 1):
         """``bn``: "shuffle" = the official shuffle-BN across processes (keys are computed on a random
-        permutation of the global batch so BN statistics cannot leak which key is the positive; with one
-        process it is a no-op), "sync" = the trainer converts BN to SyncBN (see ``bn_mode``), "none"."""
+        permutation of the global batch so BN statistics cannot leak which key is the positive); in one
+        process with ``bn_splits > 1`` the backbone's BN computes statistics on that many groups of the batch
+        and keys are computed on a shuffled batch (the official CIFAR demo's SplitBatchNorm), otherwise it is
+        a no-op; "sync" = the trainer converts BN to SyncBN (see ``bn_mode``), "none"."""
         super().__init__()
         if bn not in BN_MODES:
             raise SeppError(f"mocov2.bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
+        self.split_shuffle = bn == "shuffle" and bn_splits > 1 and D.get_world_size() == 1
+        if self.split_shuffle:
+            split_batchnorm(backbone, bn_splits)
         self.backbone = backbone
         self.projector = mlp(feat_dim, proj_hidden_dim, proj_dim, hidden_bn=False)
         self.momentum_backbone = frozen_copy(backbone)
@@ -75,6 +81,10 @@ class MoCoV2(nn.Module):
             x_all = D.all_gather(x)
             perm = D.broadcast(torch.randperm(x_all.shape[0], device=x.device))
             x = x_all[perm.view(world, -1)[rank]]
+        if self.split_shuffle:  # one process: shuffle so a key's BN group differs from its query's
+            perm = torch.randperm(x.shape[0], device=x.device)
+            k = F.normalize(self.momentum_projector(self.momentum_backbone(x[perm])), dim=1)
+            return k[torch.argsort(perm)]
         k = F.normalize(self.momentum_projector(self.momentum_backbone(x)), dim=1)
         if shuffle:
             k = D.all_gather(k)[torch.argsort(perm).view(world, -1)[rank]]

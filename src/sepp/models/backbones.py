@@ -6,7 +6,9 @@ backbone ``state_dict`` has torchvision's key names and loads into ``torchvision
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torchvision.models import ResNet, resnet18, resnet34, resnet50
 from torchvision.models.resnet import BasicBlock
 
@@ -71,3 +73,43 @@ def torchvision_resnet(name: str, cifar_stem: bool = False) -> ResNet:
 def build_backbone(name: str, cifar_stem: bool = False) -> tuple[nn.Module, int]:
     """``(module, feat_dim)``: the module maps images ``[B, 3, H, W]`` to features ``[B, feat_dim]``."""
     return torchvision_resnet(name, cifar_stem), FEAT_DIMS[name]
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are computed separately on ``num_splits`` groups of the batch
+    (sample n in group n mod num_splits), as if the batch were spread over that many GPUs. MoCo needs this in
+    one process: with one BN over the whole batch a query can find its key through the shared batch
+    statistics (the "BN leakage" the MoCo paper answers with shuffle-BN). Same parameters and buffers as
+    ``nn.BatchNorm2d``, so state dicts load into plain torchvision models; eval mode is plain BN."""
+
+    def __init__(self, num_features: int, num_splits: int, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.num_splits = num_splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        g = self.num_splits
+        if not self.training or g <= 1 or n % g:
+            return super().forward(x)
+        # [n, c] -> [n/g, g*c]: channel block j holds samples j, j+g, j+2g, ... (one virtual device each)
+        mean, var = self.running_mean.repeat(g), self.running_var.repeat(g)
+        y = F.batch_norm(x.reshape(n // g, g * c, h, w), mean, var, self.weight.repeat(g), self.bias.repeat(g),
+                         True, 0.1 if self.momentum is None else self.momentum, self.eps)
+        with torch.no_grad():
+            self.running_mean.copy_(mean.view(g, c).mean(0))
+            self.running_var.copy_(var.view(g, c).mean(0))
+            self.num_batches_tracked.add_(1)
+        return y.reshape(n, c, h, w)
+
+
+def split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every BatchNorm2d of ``module`` (in place) by a SplitBatchNorm2d with the same state."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SplitBatchNorm2d):
+            split = SplitBatchNorm2d(child.num_features, num_splits, eps=child.eps, momentum=child.momentum,
+                                     affine=child.affine, track_running_stats=child.track_running_stats)
+            split.load_state_dict(child.state_dict())
+            setattr(module, name, split.to(child.weight.device))
+        else:
+            split_batchnorm(child, num_splits)
+    return module
