@@ -47,6 +47,7 @@ def _phase_cfg(cfg: DictConfig, out: Path, epochs: int, **extra) -> DictConfig:
     c.train.epochs = epochs
     c.train.resume = True
     c.train.max_steps = 0
+    c.train.stop_at_epoch = 0  # a phase runs to its end (interrupts stay resumable) before it is marked done
     c.sepp.pairs = None
     c.sepp.remine_every = 0
     c.sepp.mask_negatives = False
