@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sepp.fileio import atomic_write
 from sepp.mining.embed import embed
 from sepp.mining.pairs import save_pairs, select_pairs
 from sepp.mining.search import resolve_precision, topk, world_info
@@ -19,10 +19,7 @@ from sepp.mining.stats import mining_stats, pair_correct
 
 
 def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def mine_pairs(encoder: nn.Module, dataset, *, k: int, threshold: float, mutual: bool, backend: str,
