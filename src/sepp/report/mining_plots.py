@@ -30,50 +30,51 @@ def _name(labels, classes, k: int) -> str:
 def pairs_gallery(get_image: Callable[[int], np.ndarray], i, j, sim, path: str | os.PathLike,
                   labels=None, classes: Sequence[str] | None = None, anchors: int = 8, partners: int = 6,
                   seed: int = 0) -> None:
-    """One row per randomly chosen anchor (``seed``): the anchor, then its first ``partners`` partners
-    titled with their similarity. With labels, class names are shown and wrong-class partners get a red
-    frame and a red "x". ``get_image(k)`` returns image k as HxWx3 uint8."""
+    """Randomly chosen anchors (``seed``), each followed by its first ``partners`` partners titled with their
+    similarity. With labels, class names are shown and wrong-class partners get a red frame and a red "x".
+    When anchors have few partners (small k), several anchor groups share a row so the figure stays
+    compact and shows more anchors (up to ``anchors`` rows). ``get_image(k)`` returns image k as HxWx3 uint8."""
     i, j, sim = np.asarray(i), np.asarray(j), np.asarray(sim)
     labels = None if labels is None else np.asarray(labels)
     uniq = np.unique(i)
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(uniq, size=min(anchors, len(uniq)), replace=False) if len(uniq) else []
-    most = max((int((i == a).sum()) for a in chosen), default=0)
-    cols = 1 + max(1, min(partners, most))  # no empty columns when k is small
-    rows = max(1, len(chosen))
-    fig = Figure(figsize=(1.6 * cols, 1.8 * rows))
-    if not len(chosen):
+    if not len(uniq):
+        fig = Figure(figsize=(4, 1.5))
         ax = fig.add_subplot(1, 1, 1)
         ax.axis("off")
         ax.text(0.5, 0.5, "no pairs (threshold too high?)", ha="center", va="center")
         _save(fig, path)
         return
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for r, a in enumerate(chosen):
-        sel = np.flatnonzero(i == a)[:partners]
-        ax = axes[r, 0]
+    counts = np.bincount(i, minlength=int(uniq.max()) + 1)
+    width = 1 + max(1, min(partners, int(counts[uniq].max())))  # anchor + partner columns per group
+    groups = max(1, 7 // width)  # anchor groups side by side in one row
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(uniq, size=min(anchors * groups, len(uniq)), replace=False)
+    rows = -(-len(chosen) // groups)
+    fig = Figure(figsize=(1.6 * width * groups, 1.8 * rows))
+    axes = fig.subplots(rows, width * groups, squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.axis("off")
+    for n, a in enumerate(chosen):
+        r, c0 = divmod(n, groups)
+        c0 *= width
+        ax = axes[r, c0]
+        ax.axis("on")
         ax.imshow(get_image(int(a)))
         ax.set_title(f"anchor {int(a)}\n{_name(labels, classes, a)}", fontsize=7, fontweight="bold")
-        for c in range(1, cols):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c - 1 >= len(sel):
-                ax.axis("off")
-                continue
-            p = sel[c - 1]
+        for c, p in enumerate(np.flatnonzero(i == a)[: width - 1], start=1):
             b = int(j[p])
+            ax = axes[r, c0 + c]
+            ax.axis("on")
             ax.imshow(get_image(b))
             wrong = (labels is not None and labels[a] >= 0 and labels[b] >= 0 and labels[a] != labels[b])
-            mark = "x " if wrong else ""
-            ax.set_title(f"{mark}{sim[p]:.3f}\n{_name(labels, classes, b)}", fontsize=7,
+            ax.set_title(f"{'x ' if wrong else ''}{sim[p]:.3f}\n{_name(labels, classes, b)}", fontsize=7,
                          color=WRONG if wrong else "black")
             if wrong:
                 for spine in ax.spines.values():
                     spine.set_edgecolor(WRONG)
                     spine.set_linewidth(3)
-        axes[r, 0].set_xticks([])
-        axes[r, 0].set_yticks([])
     fig.tight_layout()
     _save(fig, path)
 
