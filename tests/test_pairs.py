@@ -165,7 +165,8 @@ def test_plots_write_pngs(tmp_path):
         data = (tmp_path / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 1000
     g2 = Image.open(tmp_path / "g2.png")
-    assert g2.size == (int(1.6 * 2 * 100), int(1.8 * 2 * 100))  # 2 anchors x (anchor + 1 partner)
+    # k=1: groups of (anchor + 1 partner) three to a row; anchors=2 rows allow all 3 anchors in one row
+    assert g2.size == (int(1.6 * 2 * 3 * 100), int(1.8 * 1 * 100))
 
 
 # ----------------------------------------------------------------------------------------------- mining
