@@ -227,3 +227,34 @@ def test_torchrun_two_processes_train_and_resume(cifar_root, tmp_path):
     assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * (128 // 32)  # global batch 32 = 2 x 16
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"] and all(r["knn_top1"] for r in rows)
+
+
+def test_mid_epoch_resume_skips_batches_without_computing_them():
+    """Both loaders start an epoch at a given batch from the plan itself (no decoding/augmenting of the
+    skipped batches) and yield exactly the tail of the full epoch's ids."""
+    import numpy as np
+
+    from sepp.data.device_loader import DeviceLoader
+    from sepp.data.loader import PlanSampler
+
+    calls = []
+
+    def aug(x, generator=None):
+        calls.append(len(x))
+        return x.float()
+
+    images = torch.zeros(40, 3, 4, 4, dtype=torch.uint8)
+    pairs = (np.arange(10), (np.arange(10) + 1) % 40)
+    dl = DeviceLoader(images, aug, aug, batch_size=5, seed=3, device="cpu", pairs=pairs)
+    dl.set_epoch(2)
+    full = [b[2].tolist() + b[3].tolist() for b in dl]
+    calls.clear()
+    dl.set_epoch(2, start_batch=3)
+    tail = [b[2].tolist() + b[3].tolist() for b in dl]
+    assert len(dl) == len(full) == 10 and tail == full[3:] and len(calls) == 2 * len(tail)
+
+    sampler = PlanSampler(40, seed=3, batch_size=5, pairs=pairs)
+    sampler.set_epoch(2)
+    whole = list(sampler)
+    sampler.set_epoch(2, start_batch=3)
+    assert list(sampler) == whole[15:] and len(sampler) == len(whole)

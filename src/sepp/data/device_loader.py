@@ -44,13 +44,17 @@ class DeviceLoader:
         self.rank, self.world = int(rank), int(world)
         self.pairs, self.mode, self.p = pairs, mode, p
         self.epoch = 0
+        self.start_batch = 0
         self._plan_cache: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
         if len(self) == 0:
             raise SeppError(f"batch size {self.batch_size} leaves no full batch of {len(self.images)} images "
                             f"split over {self.world} process(es); lower the batch size")
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch; ``start_batch`` > 0 resumes inside it (the skipped batches are not computed).
+        ``len()`` stays the length of the whole epoch."""
         self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
 
     def _plan(self) -> tuple[np.ndarray, np.ndarray]:
         """This process's share of the current epoch's plan (cached: __len__ and __iter__ both need it)."""
@@ -70,7 +74,7 @@ class DeviceLoader:
         ids = torch.from_numpy(np.stack([ids1, ids2])).to(self.device)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(_generator_seed(self.seed, self.rank, self.epoch))
-        for step in range(steps):
+        for step in range(self.start_batch, steps):
             sl = slice(step * self.batch_size, (step + 1) * self.batch_size)
             i1, i2 = ids[0, sl], ids[1, sl]
             yield self.aug1(self.images[i1], generator=gen), self.aug2(self.images[i2], generator=gen), i1, i2

@@ -31,11 +31,15 @@ class PlanSampler(Sampler):
         self.mode = mode
         self.p = float(p)
         self.epoch = 0
+        self.start = 0
         self._len_epoch: int | None = None
         self._len = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch; ``start_batch`` > 0 resumes inside it without loading the skipped images.
+        ``len()`` stays the length of the whole epoch."""
         self.epoch = int(epoch)
+        self.start = int(start_batch) * self.batch_size
 
     def plan(self) -> tuple[np.ndarray, np.ndarray]:
         """``(ids1, ids2)`` of this process for the current epoch."""
@@ -46,7 +50,7 @@ class PlanSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         ids1, ids2 = self.plan()
-        return iter(zip(ids1.tolist(), ids2.tolist()))
+        return iter(zip(ids1[self.start:].tolist(), ids2[self.start:].tolist()))
 
     def __len__(self) -> int:
         # Built rather than derived from N and the pairs so it can never disagree with the plan itself.

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import resolve, to_yaml
 from ..errors import SeppError
 from . import distributed as dist_utils
-from .checkpoint import FORMAT, atomic_save, file_hash, load_checkpoint
+from .checkpoint import FORMAT, atomic_save, load_checkpoint
 from .optim import build_optimizer, lr_at, set_lr
 
 METRIC_COLUMNS = ["epoch", "step", "loss", "lr", "samples_per_s", "epoch_seconds", "knn_top1",
@@ -89,16 +89,17 @@ def build_train_loader(cfg, dataset, device, rank, world, pairs, images=None):
                         workers=cfg.data.workers, **common)
 
 
-def set_epoch(loader, epoch: int, seed: int) -> None:
-    """Select the epoch's plan; DataLoader workers get seeds that depend only on (seed, rank, epoch), so a
-    resumed run draws the same augmentations as an uninterrupted one."""
+def set_epoch(loader, epoch: int, seed: int, start_batch: int = 0) -> None:
+    """Select the epoch's plan (from ``start_batch`` on, for a mid-epoch resume); DataLoader workers get seeds
+    that depend only on (seed, rank, epoch), so a run resumed at an epoch boundary draws the same
+    augmentations as an uninterrupted one."""
     rank = dist_utils.get_rank()
     epoch_seed = (seed * 1_000_003 + rank * 7919 + epoch) % 2**63
     torch.manual_seed(epoch_seed)  # transforms run in this process when data.workers=0
     if hasattr(loader, "set_epoch"):
-        loader.set_epoch(epoch)
+        loader.set_epoch(epoch, start_batch)
         return
-    loader.sampler.set_epoch(epoch)
+    loader.sampler.set_epoch(epoch, start_batch)
     if loader.generator is not None:
         loader.generator.manual_seed(epoch_seed)
 
@@ -331,8 +332,8 @@ def pretrain(cfg: DictConfig, progress: bool = True, init_state: Optional[dict] 
                 loader = build_train_loader(cfg, dataset, device, rank, world, pairs, images)
             else:
                 mine_stats = None
-            set_epoch(loader, epoch, cfg.seed)
-            n_batches = len(loader)
+            set_epoch(loader, epoch, cfg.seed, start_batch)
+            n_batches = len(loader)  # of the whole epoch, also when resuming inside it
             if n_batches == 0:
                 raise SeppError(f"train.batch_size={cfg.train.batch_size} is larger than one epoch of "
                                 f"{len(dataset)} images; lower train.batch_size or raise data.subset")
@@ -433,25 +434,12 @@ def train_step(model, method, optimizer, batch, device, cfg, lr: float, base_lr:
 
 
 def _progress(loader, total, start_batch, epoch, epochs, enabled):
-    it = loader
-    if start_batch:
-        it = _skip(loader, start_batch)
     if not enabled:
-        return it
+        return loader
     from tqdm import tqdm
 
-    return tqdm(it, total=total, initial=start_batch, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+    return tqdm(loader, total=total, initial=start_batch, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
                 dynamic_ncols=True, disable=None)
-
-
-def _skip(loader, n):
-    """Skip the first n batches of an epoch (mid-epoch resume); loaders that can skip cheaply do so."""
-    if hasattr(loader, "iter_from"):
-        yield from loader.iter_from(n)
-        return
-    for i, batch in enumerate(loader):
-        if i >= n:
-            yield batch
 
 
 def _diverged(value, epoch, out):
@@ -512,7 +500,3 @@ def mine_kwargs(cfg, device) -> dict:
     return dict(k=cfg.mine.k, threshold=cfg.mine.threshold, mutual=cfg.mine.mutual, backend=cfg.mine.backend,
                 chunk_size=cfg.mine.chunk_size, precision=precision, batch_size=cfg.mine.batch_size,
                 device=device, save_embeddings=cfg.mine.save_embeddings)
-
-
-def checkpoint_hash(path) -> str:
-    return file_hash(path)
