@@ -364,7 +364,7 @@ def test_device_loader_batches_cover_the_plan():
         assert i1.dtype == i2.dtype == torch.int64 and i1.shape == (8,)
         assert torch.equal(i1, i2)
         assert torch.equal(x1, images[i1].float()) and torch.equal(x2, images[i2].float())
-    ids1, _ = shard(*epoch_plan(50, 3, 7), 0, 1, 8)
+    ids1, _ = shard(*epoch_plan(50, 3, 7), rank=0, world=1, batch_size=8)
     assert np.array_equal(torch.cat([b[2] for b in batches]).numpy(), ids1)
     loader.set_epoch(4)
     assert not torch.equal(next(iter(loader))[2], batches[0][2])

@@ -84,7 +84,7 @@ def tiny_backbone(in_dim=12, out_dim=6):
     return nn.Sequential(nn.Flatten(), nn.Linear(in_dim, out_dim))
 
 
-def test_moco_negative_masking_removes_exactly_the_partners():
+def test_moco_negative_masking_removes_exactly_the_partners_and_the_own_image():
     torch.manual_seed(0)
     model = MoCoV2(tiny_backbone(), 6, proj_hidden_dim=8, proj_dim=4, queue_size=6, temperature=0.5, bn="none")
     queue_ids = [0, 3, 5, -1, 3, 7]
@@ -98,9 +98,10 @@ def test_moco_negative_masking_removes_exactly_the_partners():
     for a, b in pairs:
         partners.setdefault(a, set()).add(b)
         partners.setdefault(b, set()).add(a)
-    expected = [[queue_ids[s] in partners.get(int(a), set()) for s in range(6)] for a in ids1]
+    expected = [[queue_ids[s] in partners.get(int(a), set()) | {int(a)} for s in range(6)] for a in ids1]
     assert model.negative_mask(ids1).tolist() == expected
-    assert sum(map(sum, expected)) == 5  # query 0: slots 1, 4; query 2: slot 2; query 4: slot 5; query 9: slot 0
+    # query 0: slots 0 (itself), 1, 4; query 2: slot 2; query 4: slot 5; query 9: slot 0
+    assert sum(map(sum, expected)) == 6
 
     x1, x2 = torch.randn(5, 3, 2, 2), torch.randn(5, 3, 2, 2)
     queue_before = model.queue.keys.clone()
@@ -115,7 +116,7 @@ def test_moco_negative_masking_removes_exactly_the_partners():
         negs = [dot(q[b], queue_before[s].tolist()) / 0.5 for s in range(6) if not expected[b][s]]
         manual += (-pos + math.log(sum(math.exp(v) for v in [pos] + negs))) / 5
     assert abs(out["loss"].item() - manual) < 1e-5
-    assert float(out["masked_negatives"]) == 1.0  # 5 masked entries over 5 queries
+    assert abs(float(out["masked_negatives"]) - 6 / 5) < 1e-6  # 6 masked entries over 5 queries
     # The batch's keys and their ids (view 2) were enqueued at slots 0-4.
     assert torch.allclose(model.queue.keys[:5], k, atol=1e-6)
     assert model.queue.ids.tolist() == [3, 2, 6, 9, 1, 7] and int(model.queue.ptr) == 5

@@ -52,7 +52,7 @@ def test_enlarge_epoch_is_self_pairs_plus_semantic_pairs(ps, epoch, seed):
 def test_shards_are_disjoint_equal_and_whole_batches(ps, world, batch):
     n, i, j = ps
     ids1, ids2 = epoch_plan(n, 0, 0, pairs=(i, j))
-    parts = [shard(ids1, ids2, r, world, batch) for r in range(world)]
+    parts = [shard(ids1, ids2, rank=r, world=world, batch_size=batch) for r in range(world)]
     lengths = {len(p[0]) for p in parts}
     assert len(lengths) == 1 and lengths.pop() % batch == 0
     positions = np.arange(len(ids1))

@@ -128,7 +128,7 @@ def test_plan_sampler_is_its_shard_of_the_epoch_plan(mode):
         s = PlanSampler(n, seed, bs, rank, world, pairs, mode, p=0.7)
         for epoch in (0, 3):
             s.set_epoch(epoch)
-            ids1, ids2 = shard(*epoch_plan(n, epoch, seed, pairs, mode, 0.7), rank, world, bs)
+            ids1, ids2 = shard(*epoch_plan(n, epoch, seed, pairs, mode, 0.7), rank=rank, world=world, batch_size=bs)
             got = list(s)
             assert got == list(zip(ids1.tolist(), ids2.tolist())) and len(s) == len(got)
             assert all(type(a) is int and type(b) is int for a, b in got)
@@ -177,7 +177,7 @@ def test_build_loader_batches_follow_the_contract(workers):
             assert x1.shape == x2.shape == (bs, 3, 6, 6) and x1.dtype == x2.dtype == torch.float32
             assert ids1.dtype == ids2.dtype == torch.int64 and ids1.shape == (bs,)
             assert torch.equal(_decode(x1), ids1) and torch.equal(_decode(x2), ids2)
-        ids1, ids2 = shard(*epoch_plan(n, epoch, seed, pairs), 0, 1, bs)
+        ids1, ids2 = shard(*epoch_plan(n, epoch, seed, pairs), rank=0, world=1, batch_size=bs)
         assert torch.cat([b[2] for b in batches]).tolist() == ids1.tolist()
         assert torch.cat([b[3] for b in batches]).tolist() == ids2.tolist()
 

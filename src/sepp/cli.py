@@ -1,9 +1,9 @@
 """The `sepp` command line.
 
     sepp pretrain --config FILE [key=value ...]
-    sepp eval {knn,linear} --checkpoint FILE [key=value ...]
-    sepp export --checkpoint FILE --out FILE
-    sepp mine --checkpoint FILE [key=value ...]
+    sepp eval {knn,linear,finetune,transfer,embed-plot} --checkpoint FILE [key=value ...]
+    sepp export --checkpoint FILE --out FILE [--format torchvision|detectron2]
+    sepp mine (--checkpoint FILE | --encoder FILE [--arch A] [--cifar-stem]) [key=value ...]
     sepp run --config FILE [key=value ...]
     sepp demo [--out DIR] [key=value ...]
     sepp augment-grid --config FILE [--out PNG] [key=value ...]
@@ -35,6 +35,8 @@ def _pretrain(args):
 
 
 def _eval(args):
+    if args.kind in ("finetune", "transfer", "embed-plot"):
+        return _eval_more(args)
     from .eval.run import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.kind, args.checkpoint, args.overrides, out=args.out)
@@ -42,14 +44,53 @@ def _eval(args):
     print(f"{key}={result[key]:.2f}  ({result['json']})")
 
 
+def _eval_more(args):
+    """`sepp eval finetune | transfer | embed-plot`."""
+    if args.kind == "finetune":
+        from .eval.finetune import finetune_checkpoint
+
+        r = finetune_checkpoint(args.checkpoint, args.overrides, out=args.out)
+        print(f"finetune_top1={r['finetune_top1']:.2f}  ({r['num_labels']} labels, {r['steps']} steps; {r['json']})")
+    elif args.kind == "transfer":
+        from .eval.transfer import transfer_checkpoint
+
+        r = transfer_checkpoint(args.checkpoint, args.overrides, out=args.out)
+        print(f"transfer_{r['metric']}={r['score']:.2f}  ({r['dataset']}, C={r['C']:.3g}; {r['json']})")
+    else:
+        from .eval.embed_plot import embed_plot_checkpoints
+
+        checkpoints = {"baseline": args.baseline} if args.baseline else {}
+        checkpoints[Path(args.checkpoint).parent.name or "model"] = args.checkpoint
+        r = embed_plot_checkpoints(checkpoints, args.overrides, out=args.out)
+        print(f"wrote {r['path']} ({r['algorithm']}, {len(r['indices'])} images)")
+
+
 def _export(args):
     from .models.export import export_backbone
 
-    info = export_backbone(args.checkpoint, args.out)
-    print(f"wrote {args.out} ({info['arch']}, cifar_stem={info['cifar_stem']}) and {args.out}.json")
+    info = export_backbone(args.checkpoint, args.out, format=args.format)
+    print(f"wrote {args.out} ({info['arch']}, cifar_stem={info['cifar_stem']}, {args.format}) and {args.out}.json")
+
+
+def _mine_encoder(args):
+    """`sepp mine --encoder FILE`: a sepp checkpoint, a `sepp export` output or a torchvision state_dict."""
+    from .mining.encoder import encoder_config, mine_with_encoder
+
+    cfg = encoder_config(args.encoder, args.config, args.overrides)
+    out = Path(cfg.mine.out) if cfg.mine.out else Path(args.encoder).parent / "mining"
+    return mine_with_encoder(args.encoder, cfg, out, arch=args.arch, cifar_stem=args.cifar_stem), out
 
 
 def _mine(args):
+    if (args.checkpoint is None) == (args.encoder is None):
+        raise SeppError("sepp mine needs exactly one of --checkpoint FILE (a sepp run) or --encoder FILE "
+                        "(a sepp checkpoint, `sepp export` output or torchvision ResNet state_dict)")
+    if args.encoder is not None:
+        stats, out = _mine_encoder(args)
+        prec = stats.get("precision")
+        print(f"pairs={stats['num_pairs']} coverage={stats['coverage']:.3f}"
+              + (f" precision={prec:.3f}" if prec is not None else "") + f"  ({out / 'pairs.npz'})")
+        return
     from .engine.checkpoint import config_from_checkpoint, load_checkpoint
     from .engine.experiment import mine_checkpoint
 
@@ -71,7 +112,7 @@ def _run(args, config=None):
     results = run_experiment(load_config(config or args.config, overrides))
     print()
     print(comparison_table(results))
-    print(f"\nreport: {Path(results['sepp']['dir']).parent / 'report.md'}")
+    print(f"\nreport: {Path(results['out']) / 'report.md'}")
 
 
 def _augment_grid(args):
@@ -108,18 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_pretrain)
 
     sp = with_overrides(sub.add_parser("eval", help="kNN or linear evaluation of a checkpoint"))
-    sp.add_argument("kind", choices=["knn", "linear"])
+    sp.add_argument("kind", choices=["knn", "linear", "finetune", "transfer", "embed-plot"])
     sp.add_argument("--checkpoint", required=True)
-    sp.add_argument("--out", help="result JSON (default: next to the checkpoint)")
+    sp.add_argument("--out", help="result JSON or PNG (default: next to the checkpoint)")
+    sp.add_argument("--baseline", help="embed-plot: a second checkpoint, drawn in a panel before --checkpoint's")
     sp.set_defaults(func=_eval)
 
     sp = sub.add_parser("export", help="write the backbone as a torchvision ResNet state_dict")
     sp.add_argument("--checkpoint", required=True)
     sp.add_argument("--out", required=True)
+    sp.add_argument("--format", choices=["torchvision", "detectron2"], default="torchvision",
+                    help="detectron2: the MoCo detection code's pickle (see README)")
     sp.set_defaults(func=_export)
 
     sp = with_overrides(sub.add_parser("mine", help="mine semantic positive pairs with a checkpoint's encoder"))
-    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--checkpoint", help="a sepp run's checkpoint")
+    sp.add_argument("--encoder", help="any encoder file: sepp checkpoint, `sepp export` output, ResNet state_dict")
+    sp.add_argument("--arch", help="--encoder's architecture (default: its JSON sidecar, else read off the keys)")
+    sp.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
+                    help="--encoder has the 3x3 CIFAR stem (default: sidecar, else the conv1 kernel)")
+    sp.add_argument("--config", help="--encoder without a sepp config: YAML or shipped name for data/mine keys")
     sp.set_defaults(func=_mine)
 
     sp = with_overrides(sub.add_parser("run", help="baseline, mining, SePP training, matched baseline, evaluation"))

@@ -90,6 +90,18 @@ class BYOLConfig:
 
 
 @dataclass
+class NNCLRConfig:
+    """NNCLR (Dwibedi et al. 2021); CIFAR values from solo-learn's CIFAR recipe (the paper's ImageNet ones:
+    T 0.1, queue 98304)."""
+
+    proj_hidden_dim: int = 2048
+    proj_dim: int = 256
+    pred_hidden_dim: int = 4096
+    queue_size: int = 65536  # support set of past projections
+    temperature: float = 0.2
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 800
     batch_size: int = 512  # global batch (split over processes)
@@ -99,7 +111,11 @@ class TrainConfig:
     min_lr: float = 0.0
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # schedules are counted in optimizer steps: warm-up lasts warmup_epochs x (steps of one plain epoch of
+    # N images), so two arms with the same total steps share the learning rate at every step
     warmup_epochs: float = 0.0
+    views: int = 2  # augmented views per sample: 2, or 3 (the third is of the image itself unless
+    # sepp.mode=multi gives it a semantic partner; 3 views of the image itself = the extra-view control)
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | fp32
     channels_last: bool = True  # faster on CUDA and, measured here, ~25 % faster on CPU too
     compile: bool = False
@@ -121,6 +137,16 @@ class EvalConfig:
     linear_batch_size: int = 256
     linear_weight_decay: float = 0.0
     linear_precomputed: bool = True  # False: the standard protocol with crop/flip augmentation every epoch
+    # semi-supervised fine-tuning (`sepp eval finetune`, SimCLR's protocol; see sepp.eval.finetune)
+    label_fraction: float = 0.1  # class-balanced fraction of the labelled training split (seeded by `seed`)
+    label_list: Optional[str] = None  # ImageNet: SimCLR's 1percent.txt / 10percent.txt (one file name a line)
+    finetune_epochs: int = 0  # 0: the protocol's (60 for <= 1 % of the labels, else 30)
+    finetune_lr: float = 0.0  # per 256 images; 0: the dataset's documented value (sepp.eval.finetune.RECIPES)
+    finetune_batch_size: int = 256
+    finetune_max_steps: int = 0  # > 0: stop after this many optimizer steps (smoke tests)
+    # `sepp eval embed-plot`
+    embed_algorithm: str = "auto"  # auto (umap-learn if installed, else scikit-learn's t-SNE) | umap | tsne
+    embed_points: int = 5000  # class-balanced sample of the evaluation split that is drawn
 
 
 @dataclass
@@ -134,15 +160,23 @@ class MineConfig:
     precision: str = "auto"  # auto (bf16 + fp32 re-check on CUDA) | fp32 | bf16
     batch_size: int = 512
     save_embeddings: bool = False
+    rank_from: int = 1  # keep neighbours at ranks rank_from..k only (1 = from the nearest; >1 skips the easiest)
+    # DIAGNOSTIC pair sources built from the labels (never a default; every output made from them says so):
+    # nearest = each image's first k same-class neighbours among its oracle_candidates nearest by the encoder
+    # ("perfect mining"); random = k partners per image, each same-class with probability oracle_precision
+    oracle: str = "none"  # none | nearest | random
+    oracle_precision: float = 1.0
+    oracle_candidates: int = 50
     out: Optional[str] = None  # default: <checkpoint dir>/mining
 
 
 @dataclass
 class SeppConfig:
     pairs: Optional[str] = None  # pairs.npz from `sepp mine`
-    mode: str = "enlarge"  # enlarge | substitute
+    mode: str = "enlarge"  # enlarge | substitute | multi (partner view as an extra positive, 3 views)
     p: float = 0.5  # substitute: probability that the second view comes from a partner
-    mask_negatives: bool = False  # MoCo-v2: remove a sample's known partners from its queue negatives
+    # MoCo-v2 / SimCLR: never use as a negative a view of the anchor's own image or of a known partner
+    mask_negatives: bool = False
     remine_every: int = 0  # > 0: re-mine pairs from the model being trained every E epochs
 
 
@@ -154,6 +188,38 @@ class RunConfig:
     init: str = "scratch"  # scratch | baseline: the SePP model starts from random weights or phase 1
     budget: str = "steps"  # steps | epochs: how the comparison baseline is matched to the SePP model
     linear: bool = True
+    seeds: list[int] = field(default_factory=list)  # repeat the compared arms over these seeds ([]: [seed])
+    # when the SePP arm forwards more views per step (sepp.mode=multi), also train the compute-matched
+    # control: the baseline with as many views of the image itself
+    control: bool = True
+
+
+@dataclass
+class TransferDataConfig:
+    """Target dataset of `sepp eval transfer` (keys mean what they mean under data)."""
+
+    name: str = "cifar100"
+    root: Optional[str] = None  # default: data.root
+    split: str = "train"
+    eval_split: Optional[str] = None  # None: test (val for imagenet / imagenette)
+    subset: int = 0
+    eval_subset: int = 0
+    image_size: int = 0  # 0: the checkpoint's data.image_size (the resolution the encoder was trained at)
+
+
+@dataclass
+class TransferConfig:
+    """Linear transfer (Ericsson et al. 2021): L2-regularised multinomial logistic regression on frozen
+    features; C (sklearn's inverse penalty) chosen on a held-out part of the training split, then refit on
+    all of it. Grid as theirs: C = 1 / wd for wd in logspace(-6, 5, 45)."""
+
+    data: TransferDataConfig = field(default_factory=TransferDataConfig)
+    val_fraction: float = 0.2  # random held-out part of the training split (seeded by `seed`)
+    c_min: float = 1.0e-5
+    c_max: float = 1.0e6
+    c_steps: int = 45
+    max_iter: int = 1000  # L-BFGS iterations per fit
+    metric: str = "auto"  # auto (the dataset's convention) | top1 | mean_per_class
 
 
 @dataclass
@@ -168,15 +234,20 @@ class Config:
     simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     byol: BYOLConfig = field(default_factory=BYOLConfig)
+    nnclr: NNCLRConfig = field(default_factory=NNCLRConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mine: MineConfig = field(default_factory=MineConfig)
     sepp: SeppConfig = field(default_factory=SeppConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
 
 CHOICES: dict[str, tuple[Any, ...]] = {
-    "method": ("mocov2", "simsiam", "simclr", "byol"),
+    "method": ("mocov2", "simsiam", "simclr", "byol", "nnclr"),
+    "transfer.data.name": ("cifar10", "cifar100", "stl10", "imagenet", "imagenette", "imagefolder"),
+    "transfer.metric": ("auto", "top1", "mean_per_class"),
+    "eval.embed_algorithm": ("auto", "umap", "tsne"),
     "device": ("auto", "cpu", "cuda"),
     "data.name": ("cifar10", "cifar100", "stl10", "imagenet", "imagenette", "imagefolder"),
     "data.pipeline": ("auto", "device", "loader"),
@@ -188,11 +259,14 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "mine.features": ("backbone", "projector"),
     "mine.backend": ("exact", "faiss"),
     "mine.precision": ("auto", "fp32", "bf16"),
-    "sepp.mode": ("enlarge", "substitute"),
+    "sepp.mode": ("enlarge", "substitute", "multi"),
+    "mine.oracle": ("none", "nearest", "random"),
+    "train.views": (2, 3),
     "run.init": ("scratch", "baseline"),
     "run.budget": ("steps", "epochs"),
 }
 POSITIVE = ("train.epochs", "train.batch_size", "eval.knn_k", "eval.batch_size", "mine.k", "mine.chunk_size",
+            "mine.rank_from", "mine.oracle_candidates",
             "mine.batch_size", "eval.linear_batch_size", "eval.linear_epochs")
 NON_NEGATIVE = ("data.subset", "data.eval_subset", "train.lr", "train.weight_decay", "train.warmup_epochs",
                 "train.max_steps", "train.stop_at_epoch", "sepp.remine_every", "run.baseline_epochs", "run.sepp_epochs")
@@ -297,8 +371,17 @@ def validate(cfg: DictConfig) -> None:
         raise SeppError(f"sepp.p must be in [0, 1] (got {cfg.sepp.p})")
     if not -1.0 <= cfg.mine.threshold <= 1.0:
         raise SeppError(f"mine.threshold is a cosine similarity and must be in [-1, 1] (got {cfg.mine.threshold})")
-    if cfg.sepp.mask_negatives and cfg.method != "mocov2":
-        raise SeppError("sepp.mask_negatives=true needs method=mocov2 (the only method with a negative queue)")
+    if cfg.sepp.mask_negatives and cfg.method not in NEGATIVE_METHODS:
+        raise SeppError(f"sepp.mask_negatives=true needs a method with negatives ({', '.join(NEGATIVE_METHODS)}); "
+                        f"{cfg.method} has none")
+    if not 0.0 <= cfg.mine.oracle_precision <= 1.0:
+        raise SeppError(f"mine.oracle_precision must be in [0, 1] (got {cfg.mine.oracle_precision})")
+    if cfg.mine.rank_from > cfg.mine.k:
+        raise SeppError(f"mine.rank_from={cfg.mine.rank_from} is beyond mine.k={cfg.mine.k}; "
+                        "keep rank_from <= k")
+
+
+NEGATIVE_METHODS = ("mocov2", "simclr")  # methods whose loss has negatives that sepp.mask_negatives can mask
 
 
 DEFAULT_SIZES = {"cifar10": 32, "cifar100": 32, "stl10": 96}
@@ -323,6 +406,8 @@ def resolve(cfg: DictConfig) -> DictConfig:
         cfg.data.workers = min(8, os.cpu_count() or 1)
     if cfg.train.amp == "auto":
         cfg.train.amp = "bf16" if cfg.device == "cuda" else "fp32"
+    if cfg.sepp.mode == "multi" and cfg.sepp.pairs:
+        cfg.train.views = 3  # the anchor's two views and one view of a semantic partner
     return cfg
 
 

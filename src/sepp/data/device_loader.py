@@ -1,6 +1,7 @@
 """Device-resident training loader: uint8 images live on the accelerator and are augmented there in batches.
 
-Yields the same ``(x1, x2, ids1, ids2)`` batches as the DataLoader path (see docs/ARCHITECTURE.md), from the
+Yields the same ``(x1, x2, ids1, ids2)`` batches (``views=3``: ``(x1, x2, ids1, ids2, x3, ids3)``) as the
+DataLoader path (see docs/ARCHITECTURE.md), from the
 same epoch plans (:mod:`sepp.data.sampling`), without worker processes or host-to-device image copies.
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ class DeviceLoader:
 
     def __init__(self, images: torch.Tensor, aug1: Augment, aug2: Augment, batch_size: int, seed: int,
                  device: torch.device | str, rank: int = 0, world: int = 1,
-                 pairs: tuple[np.ndarray, np.ndarray] | None = None, mode: str = "enlarge", p: float = 0.5):
+                 pairs: tuple[np.ndarray, np.ndarray] | None = None, mode: str = "enlarge", p: float = 0.5,
+                 views: int = 2):
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise SeppError(f"device loader needs uint8 images [N, 3, H, W], got {images.dtype} "
                             f"{tuple(images.shape)}; use data.pipeline=loader for this dataset")
@@ -42,7 +44,7 @@ class DeviceLoader:
         self.aug1, self.aug2 = aug1, aug2
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.rank, self.world = int(rank), int(world)
-        self.pairs, self.mode, self.p = pairs, mode, p
+        self.pairs, self.mode, self.p, self.views = pairs, mode, p, int(views)
         self.epoch = 0
         self.start_batch = 0
         self._plan_cache: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
@@ -56,25 +58,29 @@ class DeviceLoader:
         self.epoch = int(epoch)
         self.start_batch = int(start_batch)
 
-    def _plan(self) -> tuple[np.ndarray, np.ndarray]:
+    def _plan(self) -> tuple[np.ndarray, ...]:
         """This process's share of the current epoch's plan (cached: __len__ and __iter__ both need it)."""
         if self._plan_cache is None or self._plan_cache[0] != self.epoch:
-            ids1, ids2 = epoch_plan(len(self.images), self.epoch, self.seed, pairs=self.pairs, mode=self.mode,
-                                    p=self.p)
-            self._plan_cache = (self.epoch, shard(ids1, ids2, self.rank, self.world, self.batch_size))
+            plan = epoch_plan(len(self.images), self.epoch, self.seed, pairs=self.pairs, mode=self.mode,
+                              p=self.p, views=self.views)
+            self._plan_cache = (self.epoch, shard(*plan, rank=self.rank, world=self.world,
+                                                  batch_size=self.batch_size))
         return self._plan_cache[1]
 
     def __len__(self) -> int:
         return len(self._plan()[0]) // self.batch_size
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        ids1, ids2 = self._plan()
-        steps = len(ids1) // self.batch_size
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        plan = self._plan()
+        steps = len(plan[0]) // self.batch_size
         # One host-to-device copy per epoch; the batches below only slice it.
-        ids = torch.from_numpy(np.stack([ids1, ids2])).to(self.device)
+        ids = torch.from_numpy(np.stack(plan)).to(self.device)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(_generator_seed(self.seed, self.rank, self.epoch))
         for step in range(self.start_batch, steps):
             sl = slice(step * self.batch_size, (step + 1) * self.batch_size)
             i1, i2 = ids[0, sl], ids[1, sl]
-            yield self.aug1(self.images[i1], generator=gen), self.aug2(self.images[i2], generator=gen), i1, i2
+            batch = (self.aug1(self.images[i1], generator=gen), self.aug2(self.images[i2], generator=gen), i1, i2)
+            if self.views == 3:  # the third view uses the second view's recipe
+                batch += (self.aug2(self.images[ids[2, sl]], generator=gen), ids[2, sl])
+            yield batch

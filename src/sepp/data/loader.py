@@ -1,7 +1,8 @@
 """The DataLoader path: epoch plans of image pairs, two views per pair, decoded and augmented in workers.
 
 Used for ImageFolder data (and optionally for the in-memory sets). Yields the batch contract
-``(x1, x2, ids1, ids2)``: float32 view batches and the int64 dataset indices each view was drawn from.
+``(x1, x2, ids1, ids2)`` (``views=3``: ``(x1, x2, ids1, ids2, x3, ids3)``): float32 view batches and the int64
+dataset indices each view was drawn from.
 """
 from __future__ import annotations
 
@@ -15,14 +16,17 @@ from sepp.data.datasets import IndexedDataset
 
 
 class PlanSampler(Sampler):
-    """This process's shard of ``sepp.data.sampling.epoch_plan`` as ``(a, b)`` index tuples.
+    """This process's shard of ``sepp.data.sampling.epoch_plan`` as ``(a, b)`` (``views=3``: ``(a, b, c)``)
+    index tuples.
 
     Call :meth:`set_epoch` before each epoch: the plan is a function of ``(seed, epoch)`` only, so every
     process agrees on it and a resumed run repeats the same order."""
 
     def __init__(self, num_images: int, seed: int, batch_size: int, rank: int = 0, world: int = 1,
-                 pairs: tuple[np.ndarray, np.ndarray] | None = None, mode: str = "enlarge", p: float = 0.5):
+                 pairs: tuple[np.ndarray, np.ndarray] | None = None, mode: str = "enlarge", p: float = 0.5,
+                 views: int = 2):
         super().__init__()
+        self.views = int(views)
         self.num_images = int(num_images)
         self.seed = int(seed)
         self.batch_size = int(batch_size)
@@ -41,16 +45,15 @@ class PlanSampler(Sampler):
         self.epoch = int(epoch)
         self.start = int(start_batch) * self.batch_size
 
-    def plan(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids1, ids2)`` of this process for the current epoch."""
+    def plan(self) -> tuple[np.ndarray, ...]:
+        """``(ids1, ids2)`` (``views=3``: ``(ids1, ids2, ids3)``) of this process for the current epoch."""
         from sepp.data.sampling import epoch_plan, shard
 
-        ids1, ids2 = epoch_plan(self.num_images, self.epoch, self.seed, self.pairs, self.mode, self.p)
-        return shard(ids1, ids2, self.rank, self.world, self.batch_size)
+        plan = epoch_plan(self.num_images, self.epoch, self.seed, self.pairs, self.mode, self.p, self.views)
+        return shard(*plan, rank=self.rank, world=self.world, batch_size=self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        ids1, ids2 = self.plan()
-        return iter(zip(ids1[self.start:].tolist(), ids2[self.start:].tolist()))
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
+        return iter(zip(*(ids[self.start:].tolist() for ids in self.plan())))
 
     def __len__(self) -> int:
         # Built rather than derived from N and the pairs so it can never disagree with the plan itself.
@@ -60,7 +63,7 @@ class PlanSampler(Sampler):
 
 
 class TwoViewDataset(Dataset):
-    """``ds[(a, b)] -> (t1(image a), t2(image b), a, b)``."""
+    """``ds[(a, b)] -> (t1(image a), t2(image b), a, b)``; ``ds[(a, b, c)]`` adds ``t2(image c), c``."""
 
     def __init__(self, base: IndexedDataset, t1: Callable, t2: Callable):
         self.base = base
@@ -69,18 +72,25 @@ class TwoViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, ab: tuple[int, int]):
-        a, b = int(ab[0]), int(ab[1])
-        img_a = self.base.load_image(a)
-        img_b = img_a if b == a else self.base.load_image(b)  # one decode for the usual self-pair
-        return self.t1(img_a), self.t2(img_b), a, b
+    def __getitem__(self, abc: tuple[int, ...]):
+        ids = [int(x) for x in abc]
+        decoded: dict[int, object] = {}  # one decode per distinct image (the usual self-pair decodes once)
+        for i in ids:
+            if i not in decoded:
+                decoded[i] = self.base.load_image(i)
+        imgs = [decoded[i] for i in ids]
+        out = (self.t1(imgs[0]), self.t2(imgs[1]), ids[0], ids[1])
+        if len(ids) == 3:
+            out += (self.t2(imgs[2]), ids[2])
+        return out
 
 
 def build_loader(dataset: IndexedDataset, t1: Callable, t2: Callable, batch_size: int, workers: int, seed: int,
                  rank: int = 0, world: int = 1, pairs: tuple[np.ndarray, np.ndarray] | None = None,
-                 mode: str = "enlarge", p: float = 0.5) -> DataLoader:
-    """Training loader yielding ``(x1, x2, ids1, ids2)``; call ``loader.sampler.set_epoch(e)`` each epoch."""
-    sampler = PlanSampler(len(dataset), seed, batch_size, rank, world, pairs, mode, p)
+                 mode: str = "enlarge", p: float = 0.5, views: int = 2) -> DataLoader:
+    """Training loader yielding ``(x1, x2, ids1, ids2[, x3, ids3])``; call ``loader.sampler.set_epoch(e)`` each
+    epoch."""
+    sampler = PlanSampler(len(dataset), seed, batch_size, rank, world, pairs, mode, p, views)
     # Worker RNGs derive from this generator: distinct per rank so processes don't draw identical crops.
     generator = torch.Generator().manual_seed((int(seed) * 1000 + int(rank)) % 2**63)
     return DataLoader(

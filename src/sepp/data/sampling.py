@@ -9,6 +9,12 @@ With semantic pairs ``(i, j)`` mined from a pretrained encoder:
   pairs act as extra positives next to the augmented pairs.
 - ``substitute``: the epoch keeps ``N`` samples; the second image of anchor ``n`` is, with probability ``p``,
   a partner drawn uniformly from ``n``'s partners (anchors without partners keep their own image).
+- ``multi``: the epoch keeps ``N`` samples, each anchor keeps both of its own views, and a third entry
+  ``ids3`` names a partner drawn uniformly from its partners (anchors without partners: the image itself);
+  the partner view is an extra positive in the same loss term instead of displacing a self-pair.
+
+With ``views=3`` a plan has a third array ``ids3`` (``multi``: the partner; otherwise the anchor itself: three
+views of one image, the extra-view control of the same compute).
 
 Plans are a pure function of ``(seed, epoch)`` so that every process of a distributed job builds the same
 plan and takes a disjoint shard of it; this is also what makes resumed runs repeat the exact sample order.
@@ -17,53 +23,70 @@ from __future__ import annotations
 
 import numpy as np
 
-MODES = ("enlarge", "substitute")
+MODES = ("enlarge", "substitute", "multi")
 
 
 def _rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch), 0x5E99])
 
 
+def _draw_partners(anchors: np.ndarray, pi: np.ndarray, pj: np.ndarray, num_images: int, use: np.ndarray,
+                   pick: np.ndarray) -> np.ndarray:
+    """For each anchor where ``use`` (and it has partners), a partner chosen by ``pick`` in [0, 1) uniformly
+    among its partners (CSR adjacency of the directed pairs); the anchor itself elsewhere."""
+    order = np.argsort(pi, kind="stable")
+    pi, pj = pi[order], pj[order]
+    base = np.arange(num_images, dtype=np.int64)
+    starts = np.searchsorted(pi, base, side="left")
+    counts = np.searchsorted(pi, base, side="right") - starts
+    c = counts[anchors]
+    use = use & (c > 0)
+    offset = np.minimum((pick * c).astype(np.int64), np.maximum(c - 1, 0))
+    partners = anchors.copy()
+    partners[use] = pj[starts[anchors[use]] + offset[use]]
+    return partners
+
+
 def epoch_plan(num_images: int, epoch: int, seed: int, pairs=None, mode: str = "enlarge",
-               p: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """The shuffled ``(ids1, ids2)`` int64 arrays of one epoch (same on every process)."""
+               p: float = 0.5, views: int = 2) -> tuple[np.ndarray, ...]:
+    """The shuffled ``(ids1, ids2)`` (``views=3``: ``(ids1, ids2, ids3)``) int64 arrays of one epoch, the same
+    on every process."""
     if mode not in MODES:
         raise ValueError(f"unknown pair mode {mode!r}; choose one of {', '.join(MODES)}")
+    if views not in (2, 3):
+        raise ValueError(f"views must be 2 or 3, got {views}")
+    if mode == "multi" and pairs is not None and views != 3:
+        raise ValueError("mode='multi' gives each anchor a third (partner) view: pass views=3")
     rng = _rng(seed, epoch)
     base = np.arange(num_images, dtype=np.int64)
     if pairs is None or len(pairs[0]) == 0:
         order = rng.permutation(num_images)
-        return base[order], base[order].copy()
+        return (base[order],) + tuple(base[order].copy() for _ in range(views - 1))
     pi = np.asarray(pairs[0], dtype=np.int64)
     pj = np.asarray(pairs[1], dtype=np.int64)
     if mode == "enlarge":
         ids1 = np.concatenate([base, pi])
         ids2 = np.concatenate([base, pj])
         order = rng.permutation(len(ids1))
-        return ids1[order], ids2[order]
-    # substitute: CSR adjacency of the directed pairs, then one uniform partner per anchor where drawn.
-    order = np.argsort(pi, kind="stable")
-    pi, pj = pi[order], pj[order]
-    starts = np.searchsorted(pi, base, side="left")
-    counts = np.searchsorted(pi, base, side="right") - starts
-    anchors = rng.permutation(num_images).astype(np.int64)
-    draw = rng.random(num_images) < p
-    pick = rng.random(num_images)
-    c = counts[anchors]
-    use = draw & (c > 0)
-    offset = np.minimum((pick * c).astype(np.int64), np.maximum(c - 1, 0))
-    partners = anchors.copy()
-    partners[use] = pj[starts[anchors[use]] + offset[use]]
-    return anchors, partners
+        plan = (ids1[order], ids2[order])
+    else:
+        anchors = rng.permutation(num_images).astype(np.int64)
+        draw = rng.random(num_images) < (1.0 if mode == "multi" else p)
+        partners = _draw_partners(anchors, pi, pj, num_images, draw, rng.random(num_images))
+        if mode == "multi":
+            return anchors, anchors.copy(), partners
+        plan = (anchors, partners)
+    return plan if views == 2 else plan + (plan[0].copy(),)
 
 
-def shard(ids1: np.ndarray, ids2: np.ndarray, rank: int, world: int, batch_size: int,
-          drop_last: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """This process's part of a plan: strided, equal length on every rank, whole batches when ``drop_last``."""
-    per_rank = len(ids1) // world
+def shard(*plan: np.ndarray, rank: int, world: int, batch_size: int,
+          drop_last: bool = True) -> tuple[np.ndarray, ...]:
+    """This process's part of a plan's arrays: strided, equal length on every rank, whole batches when
+    ``drop_last``."""
+    per_rank = len(plan[0]) // world
     if drop_last:
         per_rank = (per_rank // batch_size) * batch_size
-    return ids1[rank::world][:per_rank], ids2[rank::world][:per_rank]
+    return tuple(ids[rank::world][:per_rank] for ids in plan)
 
 
 def steps_per_epoch(num_samples: int, world: int, batch_size: int) -> int:

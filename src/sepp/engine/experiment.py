@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import resolve
+from ..eval.stats import format_difference, format_mean_std, paired_difference, summarize
 from . import distributed as dist_utils
 from .trainer import pretrain
 
@@ -50,7 +51,8 @@ def _phase_cfg(cfg: DictConfig, out: Path, epochs: int, **extra) -> DictConfig:
     c.train.stop_at_epoch = 0  # a phase runs to its end (interrupts stay resumable) before it is marked done
     c.sepp.pairs = None
     c.sepp.remine_every = 0
-    c.sepp.mask_negatives = False
+    # sepp.mask_negatives stays as configured for every arm: without pairs it only masks an anchor's own
+    # image (MoCo's queue holds last epoch's key of almost every image), so the arms differ by the pairs alone
     for key, value in extra.items():
         OmegaConf.update(c, key, value, merge=False)
     return c
@@ -78,21 +80,23 @@ def run_experiment(cfg: DictConfig, progress: bool = True) -> dict:
     if dist_utils.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    base_epochs = cfg.run.baseline_epochs or cfg.train.epochs
-    sepp_epochs = cfg.run.sepp_epochs or cfg.train.epochs
-    seconds = {}
+    seeds = [int(x) for x in cfg.run.seeds] or [int(cfg.seed)]
+    seconds: dict = {}
 
-    # 1. baseline pretraining (mines the pairs)
+    # 1. baseline pretraining (mines the pairs), with cfg.seed
+    phase1 = None
     if cfg.run.baseline_checkpoint:
-        phase1_ckpt, phase1 = str(cfg.run.baseline_checkpoint), None
+        phase1_ckpt = str(cfg.run.baseline_checkpoint)
     else:
         _log("phase 1/5: baseline pretraining")
-        phase1 = _train(_phase_cfg(cfg, out / "pretrain", base_epochs), out / "pretrain", progress)
+        phase1 = _train(_phase_cfg(cfg, out / "pretrain", cfg.run.baseline_epochs or cfg.train.epochs),
+                        out / "pretrain", progress)
         phase1_ckpt = str(out / "pretrain" / "last.pt")
         seconds["pretrain"] = phase1["seconds"]
 
-    # 2. mining
-    _log("phase 2/5: mining semantic positive pairs")
+    # 2. mining (once; every seed trains with the same pairs)
+    _log("phase 2/5: mining semantic positive pairs" + (f" (DIAGNOSTIC: mine.oracle={cfg.mine.oracle})"
+                                                        if cfg.mine.oracle != "none" else ""))
     mining = _done(out / "mining")
     if mining is None:
         t0 = time.time()
@@ -101,56 +105,34 @@ def run_experiment(cfg: DictConfig, progress: bool = True) -> dict:
     seconds["mining"] = mining["seconds"]
     stats = mining["stats"]
 
-    # 3. SePP training
-    _log(f"phase 3/5: SePP training with {stats['num_pairs']} pairs ({cfg.sepp.mode})")
-    init = _init_state(phase1_ckpt) if cfg.run.init == "baseline" else None
-    sepp_cfg = _phase_cfg(cfg, out / "sepp", sepp_epochs, **{
-        "sepp.pairs": str(out / "mining" / "pairs.npz"), "sepp.mask_negatives": cfg.sepp.mask_negatives,
-        "sepp.remine_every": cfg.sepp.remine_every})
-    sepp_run = _train(sepp_cfg, out / "sepp", progress, init)
-    seconds["sepp"] = sepp_run["seconds"]
+    # 3.-5. per seed: SePP, the step-matched baseline, the compute-matched control; evaluation
+    arms: dict[str, list[dict]] = {}
+    for seed in seeds:
+        where = out if len(seeds) == 1 else out / f"seed_{seed}"
+        for name, entry in _seed_arms(cfg, seed, where, out, phase1, phase1_ckpt, stats, progress).items():
+            arms.setdefault(name, []).append(entry)
+            seconds[name] = seconds.get(name, 0.0) + entry.pop("train_seconds")
+    seconds["eval"] = sum(e["eval_seconds"] for runs in arms.values() for e in runs)
 
-    # 4. comparison baseline, same budget
-    if cfg.run.budget == "steps":
-        from ..data.sampling import steps_per_epoch
-
-        per_epoch = steps_per_epoch(sepp_run["num_images"], dist_utils.get_world_size(), cfg.train.batch_size
-                                    // dist_utils.get_world_size())
-        b_epochs, b_steps = math.ceil(sepp_run["steps"] / per_epoch), sepp_run["steps"]
-    else:
-        b_epochs, b_steps = sepp_epochs, 0
-    reuse = (phase1 is not None and cfg.run.init == "scratch" and phase1["epochs"] == b_epochs
-             and (b_steps == 0 or phase1["steps"] == b_steps))
-    if reuse:
-        _log("phase 4/5: the phase-1 baseline already has the SePP model's budget; reusing it")
-        baseline_dir, baseline = out / "pretrain", phase1
-        seconds["baseline"] = 0.0
-    else:
-        _log(f"phase 4/5: baseline for the same budget ({b_epochs} epochs, {sepp_run['steps']} steps)")
-        baseline_dir = out / "baseline"
-        init = _init_state(phase1_ckpt) if cfg.run.init == "baseline" else None
-        baseline = _train(_phase_cfg(cfg, baseline_dir, b_epochs, **{"train.max_steps": b_steps}),
-                          baseline_dir, progress, init)
-        seconds["baseline"] = baseline["seconds"]
-
-    # 5. evaluation and report
-    _log("phase 5/5: kNN and linear evaluation")
-    t0 = time.time()
-    evals = {name: _evaluate(path / "last.pt", cfg) for name, path in
-             (("baseline", baseline_dir), ("sepp", out / "sepp"))}
-    seconds["eval"] = sum(e["seconds"] for e in evals.values()) if evals else time.time() - t0
     results = {
+        **({"diagnostic": stats["diagnostic"]} if stats.get("diagnostic") else {}),
         "dataset": cfg.data.name, "method": cfg.method, "backbone": cfg.model.backbone,
-        "num_images": sepp_run["num_images"], "device": cfg.device, "world_size": dist_utils.get_world_size(),
-        "baseline": {**_model_entry(baseline, evals["baseline"]), "dir": str(baseline_dir)},
-        "sepp": {**_model_entry(sepp_run, evals["sepp"]), "dir": str(out / "sepp"), "mode": cfg.sepp.mode,
-                 "init": cfg.run.init},
+        "num_images": arms["sepp"][0]["num_images"], "device": cfg.device,
+        "world_size": dist_utils.get_world_size(), "seeds": seeds, "out": str(out),
+        **{name: _aggregate(runs) for name, runs in arms.items()},
         "mining": {**{k: stats.get(k) for k in ("num_pairs", "coverage", "precision", "num_images")},
                    "k": cfg.mine.k, "threshold": cfg.mine.threshold, "mutual": cfg.mine.mutual,
-                   "features": cfg.mine.features, "encoder": phase1_ckpt},
+                   "rank_from": cfg.mine.rank_from, "features": cfg.mine.features, "oracle": cfg.mine.oracle,
+                   "oracle_precision": cfg.mine.oracle_precision if cfg.mine.oracle == "random" else None,
+                   "encoder": phase1_ckpt, "pair_sim": stats.get("sim")},
         "budget": cfg.run.budget,
         "seconds": seconds,
     }
+    results["sepp"].update(mode=cfg.sepp.mode, init=cfg.run.init, mask_negatives=bool(cfg.sepp.mask_negatives))
+    results["difference"] = {f"sepp-{other}": {m: paired_difference(results["sepp"][m]["values"],
+                                                                      results[other][m]["values"])
+                                                 for m in ("knn", "linear")}
+                             for other in ("baseline", "control") if other in results}
     if dist_utils.is_main():
         (out / "results.json").write_text(json.dumps(results, indent=2))
         for name in ("pairs_gallery.png", "similarity_hist.png"):
@@ -159,16 +141,75 @@ def run_experiment(cfg: DictConfig, progress: bool = True) -> dict:
         from ..report.curves import plot_curves
         from ..report.markdown import write_report
 
-        plot_curves({"SePP": out / "sepp" / "metrics.csv", "baseline": baseline_dir / "metrics.csv"},
+        labels = {"sepp": "SePP", "baseline": "baseline", "control": "control (extra views)"}
+        plot_curves({labels[n]: [Path(e["dir"]) / "metrics.csv" for e in runs] for n, runs in arms.items()},
                     out / "curves.png")
         write_report(out, results, stats, cfg)
     dist_utils.barrier()
     return results
 
 
-def _model_entry(summary: dict, ev: dict) -> dict:
-    return {"knn_top1": ev["knn_top1"], "linear_top1": ev.get("linear_top1"), "epochs": summary["epochs"],
-            "steps": summary["steps"], "num_pairs": summary.get("num_pairs", 0)}
+def _seed_arms(cfg, seed: int, where: Path, out: Path, phase1, phase1_ckpt: str, stats: dict,
+               progress: bool) -> dict:
+    """Train and evaluate the compared arms of one seed: ``sepp``, ``baseline`` (same budget) and, when the
+    SePP arm forwards more views per step, ``control`` (the baseline with as many views of the image)."""
+    init = _init_state(phase1_ckpt) if cfg.run.init == "baseline" else None
+    sepp_epochs = cfg.run.sepp_epochs or cfg.train.epochs
+    _log(f"phase 3/5 (seed {seed}): SePP training with {stats['num_pairs']} pairs ({cfg.sepp.mode})")
+    sepp_cfg = _phase_cfg(cfg, where / "sepp", sepp_epochs, seed=seed, **{
+        "sepp.pairs": str(out / "mining" / "pairs.npz"), "sepp.remine_every": cfg.sepp.remine_every})
+    sepp_run = _train(sepp_cfg, where / "sepp", progress, init)
+    trained = {"sepp": (sepp_run, where / "sepp")}
+
+    if cfg.run.budget == "steps":
+        from ..data.sampling import steps_per_epoch
+
+        world = dist_utils.get_world_size()
+        per_epoch = steps_per_epoch(sepp_run["num_images"], world, cfg.train.batch_size // world)
+        b_epochs, b_steps = math.ceil(sepp_run["steps"] / per_epoch), sepp_run["steps"]
+    else:
+        b_epochs, b_steps = sepp_epochs, 0
+    views = int(cfg.train.views)
+    reuse = (phase1 is not None and cfg.run.init == "scratch" and seed == cfg.seed and views == 2
+             and phase1["epochs"] == b_epochs and (b_steps == 0 or phase1["steps"] == b_steps))
+    if reuse:
+        _log("phase 4/5: the phase-1 baseline already has the SePP model's budget; reusing it")
+        trained["baseline"] = ({**phase1, "seconds": 0.0}, out / "pretrain")
+    else:
+        _log(f"phase 4/5 (seed {seed}): baseline for the same budget ({b_epochs} epochs, {b_steps or 'all'} steps)")
+        arm = _phase_cfg(cfg, where / "baseline", b_epochs, seed=seed, **{"train.max_steps": b_steps})
+        trained["baseline"] = (_train(arm, where / "baseline", progress, init), where / "baseline")
+    if cfg.run.control and sepp_run.get("views", 2) > views:
+        _log(f"phase 4/5 (seed {seed}): control with {sepp_run['views']} views of the image itself "
+             "(the SePP arm's compute per step)")
+        arm = _phase_cfg(cfg, where / "control", b_epochs, seed=seed,
+                         **{"train.max_steps": b_steps, "train.views": sepp_run["views"]})
+        trained["control"] = (_train(arm, where / "control", progress, init), where / "control")
+
+    _log(f"phase 5/5 (seed {seed}): kNN and linear evaluation")
+    arms = {}
+    for name, (summary, d) in trained.items():
+        ev = _evaluate(d / "last.pt", cfg)
+        arms[name] = {"knn_top1": ev["knn_top1"], "linear_top1": ev.get("linear_top1"),
+                      "epochs": summary["epochs"], "steps": summary["steps"],
+                      "num_pairs": summary.get("num_pairs", 0), "num_images": summary["num_images"],
+                      "views": summary.get("views", 2), "images_forwarded": summary.get("images_forwarded"),
+                      "dir": str(d), "seed": seed, "train_seconds": summary["seconds"],
+                      "eval_seconds": ev["seconds"]}
+    return arms
+
+
+def _aggregate(runs: list[dict]) -> dict:
+    """One arm over its seeds: ``knn_top1``/``linear_top1`` are the means (what the table prints), ``knn`` and
+    ``linear`` their statistics, ``runs`` each seed's entry."""
+    knn = summarize([r["knn_top1"] for r in runs])
+    linear = summarize([r["linear_top1"] for r in runs])
+    first = runs[0]
+    return {"knn_top1": knn["mean"], "linear_top1": linear["mean"], "knn": knn, "linear": linear,
+            "epochs": first["epochs"], "steps": first["steps"], "num_pairs": first["num_pairs"],
+            "views": first["views"], "images_forwarded": first["images_forwarded"],
+            "dir": first["dir"],
+            "runs": [{k: r[k] for k in ("seed", "knn_top1", "linear_top1", "dir")} for r in runs]}
 
 
 def _evaluate(ckpt: Path, cfg: DictConfig) -> dict:
@@ -206,21 +247,32 @@ def mine_checkpoint(checkpoint: str, cfg: DictConfig, out_dir: Path) -> dict:
     meta = {"encoder_checkpoint": str(checkpoint), "encoder_sha256": file_hash(checkpoint),
             "encoder_method": ckpt["config"]["method"], "encoder_epoch": ckpt["epoch"],
             "features": cfg.mine.features}
+    oracle = dict(oracle=cfg.mine.oracle, oracle_precision=cfg.mine.oracle_precision,
+                  oracle_candidates=cfg.mine.oracle_candidates, seed=cfg.seed)
     return mine_pairs(encoder_for(method, cfg.mine.features), dataset,
-                      **mine_kwargs(cfg, torch.device(cfg.device)), out_dir=out_dir, meta=meta)
+                      **mine_kwargs(cfg, torch.device(cfg.device)), out_dir=out_dir, meta=meta, **oracle)
 
 
 def comparison_table(results: dict) -> str:
-    def fmt(v):
-        return "—" if v is None else f"{v:.2f}"
-
-    rows = [("model", "epochs", "steps", "kNN top-1", "linear top-1")]
-    for name, label in (("baseline", f"{results['method']} baseline"), ("sepp", f"{results['method']} + SePP")):
-        r = results[name]
-        rows.append((label, str(r["epochs"]), str(r["steps"]), fmt(r["knn_top1"]), fmt(r["linear_top1"])))
+    """The terminal table of `sepp run`: each arm's kNN and linear top-1 (mean ± std over seeds), and the
+    SePP − other differences with their 95 % intervals."""
+    method = results["method"]
+    names = [("baseline", f"{method} baseline"), ("control", f"{method} control (same views as SePP)"),
+             ("sepp", f"{method} + SePP")]
+    rows = [("model", "epochs", "steps", "images fwd", "kNN top-1", "linear top-1")]
+    for name, label in names:
+        if name in results:
+            r = results[name]
+            rows.append((label, str(r["epochs"]), str(r["steps"]), str(r.get("images_forwarded", "—")),
+                         format_mean_std(r["knn"]), format_mean_std(r["linear"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if results.get("diagnostic"):
+        lines.insert(0, results["diagnostic"])
+    for key, d in results.get("difference", {}).items():
+        lines.append(f"{key.replace('sepp-', 'SePP - ')}: kNN {format_difference(d['knn'])}, "
+                     f"linear {format_difference(d['linear'])} ({d['knn']['n']} seed(s), paired)")
     m = results["mining"]
     prec = "n/a (no labels)" if m.get("precision") is None else f"{100 * m['precision']:.1f} %"
     lines.append(f"pairs: {m['num_pairs']} (coverage {100 * m['coverage']:.1f} %, label precision {prec})")

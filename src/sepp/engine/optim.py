@@ -78,11 +78,21 @@ def build_optimizer(method: nn.Module, train_cfg, lr: float) -> torch.optim.Opti
     return LARS(lars_groups, lr=lr, momentum=train_cfg.momentum, weight_decay=wd)
 
 
+def schedule_steps(epochs: int, steps_per_epoch: int, max_steps: int, warmup_epochs: float,
+                   plain_steps_per_epoch: int) -> tuple[int, int]:
+    """``(total_steps, warmup_steps)``: the run's length in optimizer steps (``max_steps`` when > 0, else
+    ``epochs x steps_per_epoch``) and the warm-up in steps, ``warmup_epochs`` plain epochs of the dataset
+    (``plain_steps_per_epoch``: without semantic pairs), so that it does not grow with enlarged epochs."""
+    total = int(max_steps) if max_steps else int(epochs) * int(steps_per_epoch)
+    return max(total, 1), int(round(warmup_epochs * plain_steps_per_epoch))
+
+
 def lr_at(t: float, total: float, warmup: float, base_lr: float, min_lr: float = 0.0) -> float:
     """Linear warmup to ``base_lr`` over ``warmup`` then half-cosine decay to ``min_lr`` at ``total``.
 
-    ``t`` is training progress in the same unit as ``total`` (the trainer uses fractional epochs, evaluated
-    at the end of the step being taken, so the first step's rate is not zero and the last one's is min_lr)."""
+    ``t`` is training progress in the same unit as ``total`` (the trainer counts optimizer steps and evaluates
+    the rate at the end of the step being taken, so the first step's rate is not zero and the last one's is
+    min_lr)."""
     if warmup > 0 and t < warmup:
         return base_lr * t / warmup
     progress = (t - warmup) / max(total - warmup, 1e-12)

@@ -24,7 +24,7 @@ from ..config import resolve, to_yaml
 from ..errors import SeppError
 from . import distributed as dist_utils
 from .checkpoint import FORMAT, atomic_save, load_checkpoint
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import build_optimizer, lr_at, schedule_steps, set_lr
 
 METRIC_COLUMNS = ["epoch", "step", "loss", "lr", "samples_per_s", "epoch_seconds", "knn_top1",
                   "pairs", "pair_precision", "pair_coverage"]
@@ -73,7 +73,8 @@ def build_train_loader(cfg, dataset, device, rank, world, pairs, images=None):
 
     spec1, spec2 = view_specs(cfg.method, cfg.data.image_size, cfg.data.name)
     per_rank = cfg.train.batch_size // world
-    common = dict(seed=cfg.seed, rank=rank, world=world, pairs=pairs, mode=cfg.sepp.mode, p=cfg.sepp.p)
+    common = dict(seed=cfg.seed, rank=rank, world=world, pairs=pairs, mode=cfg.sepp.mode, p=cfg.sepp.p,
+                  views=cfg.train.views)
     if choose_pipeline(cfg, dataset) == "device":
         from ..data.device_loader import DeviceLoader
         from ..data.gpu_augment import BatchAugment
@@ -299,8 +300,9 @@ def pretrain(cfg: DictConfig, progress: bool = True, init_state: Optional[dict] 
     elif init_state is not None:
         method.load_state_dict(init_state)
     pairs = None if pairs_obj is None else (np.asarray(pairs_obj.i), np.asarray(pairs_obj.j))
-    if cfg.sepp.mask_negatives and pairs is not None:
-        method.set_known_positives(torch.as_tensor(pairs[0]), torch.as_tensor(pairs[1]), len(dataset))
+    if cfg.sepp.mask_negatives:  # without pairs only views of an anchor's own image are masked
+        known = pairs or (np.zeros(0, np.int64), np.zeros(0, np.int64))
+        method.set_known_positives(torch.as_tensor(known[0]), torch.as_tensor(known[1]), len(dataset))
 
     model = method
     if world > 1:
@@ -311,6 +313,7 @@ def pretrain(cfg: DictConfig, progress: bool = True, init_state: Optional[dict] 
     loader = build_train_loader(cfg, dataset, device, rank, world, pairs, images)
     base_lr = scaled_lr(cfg)
     epochs = cfg.train.epochs
+    total_steps, warmup_steps = run_schedule(cfg, len(dataset), len(loader), world)
     log = MetricsLog(out, start_epoch, main)
     knn_cache: dict = {}
     last_knn = None
@@ -344,9 +347,10 @@ def pretrain(cfg: DictConfig, progress: bool = True, init_state: Optional[dict] 
             bar = _progress(loader, n_batches, start_batch, epoch, epochs, progress and main)
             batch_idx = start_batch
             for batch in bar:
-                after = position(epoch, batch_idx + 1, n_batches, step + 1, cfg)
-                lr = lr_at(after, epochs, cfg.train.warmup_epochs, base_lr, cfg.train.min_lr)
-                loss = train_step(model, method, optimizer, batch, device, cfg, lr, base_lr, after / epochs)
+                # the schedule is a function of the optimizer step alone, evaluated after the step
+                lr = lr_at(step + 1, total_steps, warmup_steps, base_lr, cfg.train.min_lr)
+                loss = train_step(model, method, optimizer, batch, device, cfg, lr, base_lr,
+                                  min(1.0, (step + 1) / total_steps))
                 loss_sum += loss.float()
                 seen += batch[0].shape[0]
                 step += 1
@@ -404,28 +408,39 @@ def pretrain(cfg: DictConfig, progress: bool = True, init_state: Optional[dict] 
     log.close()
     summary = {"out": str(out), "status": status, "epochs": completed,
                "steps": step, "knn_top1": last_knn, "seconds": time.time() - t_start,
-               "num_images": len(dataset), "num_pairs": 0 if pairs is None else int(len(pairs[0]))}
+               "num_images": len(dataset), "num_pairs": 0 if pairs is None else int(len(pairs[0])),
+               "views": int(cfg.train.views), "images_forwarded": int(step * cfg.train.batch_size * cfg.train.views)}
     if status == "interrupted":
         raise Interrupted(f"interrupted; resumable checkpoint at {last}")
     return summary
 
 
-def position(epoch: int, batch_idx: int, n_batches: int, step: int, cfg) -> float:
-    """Training progress in epochs; with ``train.max_steps`` the schedule spans exactly that many steps."""
-    if cfg.train.max_steps:
-        return cfg.train.epochs * min(step / cfg.train.max_steps, 1.0)
-    return epoch + batch_idx / n_batches
+def run_schedule(cfg, num_images: int, steps_per_epoch: int, world: int) -> tuple[int, int]:
+    """``(total_steps, warmup_steps)`` of a run whose epochs have ``steps_per_epoch`` steps (enlarged ones
+    included): warm-up is counted in plain epochs of ``num_images`` images, so arms with the same total steps
+    share the learning rate at every step whatever their epoch length."""
+    from ..data.sampling import steps_per_epoch as plain_steps
+
+    plain = plain_steps(num_images, world, cfg.train.batch_size // world)
+    return schedule_steps(cfg.train.epochs, steps_per_epoch, cfg.train.max_steps, cfg.train.warmup_epochs, plain)
+
+
+def lr_schedule(cfg, num_images: int, steps_per_epoch: int, world: int = 1) -> list[float]:
+    """The learning rate of every optimizer step of a run (what :func:`pretrain` sets), for tests and plots."""
+    total, warmup = run_schedule(cfg, num_images, steps_per_epoch, world)
+    return [lr_at(s, total, warmup, scaled_lr(cfg), cfg.train.min_lr) for s in range(1, total + 1)]
 
 
 def train_step(model, method, optimizer, batch, device, cfg, lr: float, base_lr: float, progress_after: float):
-    """One optimizer step on a ``(x1, x2, ids1, ids2)`` batch; returns the loss without reading it back."""
-    x1, x2, ids1, ids2 = (t.to(device, non_blocking=True) for t in batch)
+    """One optimizer step on a ``(x1, x2, ids1, ids2[, x3, ids3])`` batch; returns the loss without reading it
+    back."""
+    batch = [t.to(device, non_blocking=True) for t in batch]  # (x1, x2, ids1, ids2[, x3, ids3])
     if cfg.train.channels_last:
-        x1 = x1.contiguous(memory_format=torch.channels_last)
-        x2 = x2.contiguous(memory_format=torch.channels_last)
+        for v in (0, 1, 4)[: 2 + (len(batch) > 4)]:
+            batch[v] = batch[v].contiguous(memory_format=torch.channels_last)
     set_lr(optimizer, lr, base_lr)
     with autocast(cfg, device):
-        loss = model(x1, x2, ids1, ids2)["loss"]
+        loss = model(*batch)["loss"]
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -499,4 +514,4 @@ def mine_kwargs(cfg, device) -> dict:
         precision = "bf16" if device.type == "cuda" else "fp32"
     return dict(k=cfg.mine.k, threshold=cfg.mine.threshold, mutual=cfg.mine.mutual, backend=cfg.mine.backend,
                 chunk_size=cfg.mine.chunk_size, precision=precision, batch_size=cfg.mine.batch_size,
-                device=device, save_embeddings=cfg.mine.save_embeddings)
+                device=device, save_embeddings=cfg.mine.save_embeddings, rank_from=cfg.mine.rank_from)

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn as nn
 
-from sepp.methods.losses import byol_loss
+from sepp.methods.losses import byol_loss, predictive_views
 from sepp.methods.queue import ema_update, frozen_copy
 from sepp.models.heads import mlp
 
@@ -36,13 +36,14 @@ class BYOL(nn.Module):
         self.target_projector = frozen_copy(self.projector)
         self.tau_base = self.tau = tau_base
 
-    def forward(self, x1, x2, ids1, ids2) -> dict[str, torch.Tensor]:
-        p1 = self.predictor(self.projector(self.backbone(x1)))
-        p2 = self.predictor(self.projector(self.backbone(x2)))
+    def forward(self, x1, x2, ids1, ids2, x3=None, ids3=None) -> dict[str, torch.Tensor]:
+        """Two views: l(p1, t2) + l(p2, t1). A third view (a semantic partner) is one more predicted target:
+        every view predicts every other (ordered pairs), scaled so the two-view loss is unchanged."""
+        xs = [x1, x2] if x3 is None else [x1, x2, x3]
+        ps = [self.predictor(self.projector(self.backbone(x))) for x in xs]
         with torch.no_grad():
-            t1 = self.target_projector(self.target_backbone(x1))
-            t2 = self.target_projector(self.target_backbone(x2))
-        return {"loss": byol_loss(p1, t2) + byol_loss(p2, t1)}
+            ts = [self.target_projector(self.target_backbone(x)) for x in xs]
+        return {"loss": 2 * predictive_views(ps, ts, byol_loss)}
 
     @torch.no_grad()
     def after_step(self, progress: float) -> None:

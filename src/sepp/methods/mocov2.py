@@ -6,8 +6,10 @@ CIFAR defaults (``CIFAR_DEFAULTS``, facebookresearch/moco ``colab/moco_cifar10_d
 T 0.1, momentum 0.99, symmetric loss. The demo sums the two directions; we average them, so its learning
 rate 0.06 corresponds to 0.12 here.
 
-SePP extension: ``set_known_positives`` registers the mined pairs; a query of image a then never uses as a
-negative a queue key whose image is a known partner of a (all other negatives are kept).
+SePP extensions: ``set_known_positives`` registers the mined pairs; a query of image a then never uses as a
+negative a queue key whose image is a itself or a known partner of a (all other negatives are kept). A third
+view ``x3`` (a semantic partner, or the image itself in the extra-view control) adds its key as one more
+positive of every query (multi-positive InfoNCE); with ``symmetric`` every view is a query of the others.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 from sepp.engine import distributed as D
 from sepp.errors import SeppError
+from sepp.methods.known import KnownPositives
 from sepp.methods.losses import info_nce
 from sepp.methods.queue import MemoryQueue, ema_update, frozen_copy
 from sepp.models.backbones import split_batchnorm
@@ -48,30 +51,16 @@ class MoCoV2(nn.Module):
         self.momentum_projector = frozen_copy(self.projector)
         self.queue = MemoryQueue(proj_dim, queue_size)
         self.temperature, self.momentum, self.symmetric, self.bn_mode = temperature, momentum, symmetric, bn
-        self.num_images = 0
-        # Sorted a * num_images + b over both directions of every known pair; not saved in checkpoints (the
-        # trainer sets it again from the pair file).
-        self.register_buffer("known_pairs", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.known = KnownPositives()
 
     def set_known_positives(self, i, j, num_images: int) -> None:
-        """Register known positive pairs (int64 endpoints, tensors or arrays) among ``num_images`` images."""
-        i, j = (torch.as_tensor(a, dtype=torch.long).reshape(-1) for a in (i, j))
-        both = torch.cat([i, j])
-        if i.shape != j.shape or bool(((both < 0) | (both >= num_images)).any()):
-            raise SeppError(f"known positives must be two equal-length id arrays within [0, {num_images}); "
-                            "check that the pair file matches the dataset")
-        self.num_images = num_images
-        codes = torch.cat([i * num_images + j, j * num_images + i])
-        self.known_pairs = torch.unique(codes).to(self.queue.ids.device)
+        """Register known positive pairs (int64 endpoints, tensors or arrays) among ``num_images`` images;
+        from then on a query's own image and its partners are removed from its queue negatives."""
+        self.known.set(i, j, num_images)
 
     def negative_mask(self, query_ids: torch.Tensor) -> torch.Tensor | None:
-        """[B, K] True where queue entry k holds a known partner of query b's image (None without pairs)."""
-        if self.known_pairs.numel() == 0:
-            return None
-        qids = self.queue.ids
-        codes = query_ids[:, None] * self.num_images + qids[None, :]
-        pos = torch.searchsorted(self.known_pairs, codes).clamp_(max=self.known_pairs.numel() - 1)
-        return (self.known_pairs[pos] == codes) & (qids >= 0)[None, :]
+        """[B, K] True where queue entry k holds query b's own image or a known partner (None when off)."""
+        return self.known.mask(query_ids, self.queue.ids)
 
     @torch.no_grad()
     def _keys(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,28 +79,26 @@ class MoCoV2(nn.Module):
             k = D.all_gather(k)[torch.argsort(perm).view(world, -1)[rank]]
         return k
 
-    def _direction(self, xq, xk, ids_q):
-        q = F.normalize(self.projector(self.backbone(xq)), dim=1)
-        k = self._keys(xk)
-        mask = self.negative_mask(ids_q)
-        # clone: the queue is overwritten in place before backward needs it
-        loss = info_nce(q, k, self.queue.keys.clone(), self.temperature, mask)
-        return loss, k, mask
-
-    def forward(self, x1, x2, ids1, ids2) -> dict[str, torch.Tensor]:
-        loss, k2, mask = self._direction(x1, x2, ids1)
-        keys, ids, masks = [k2], [ids2], [mask]
-        if self.symmetric:
-            loss21, k1, mask = self._direction(x2, x1, ids2)
-            loss = (loss + loss21) / 2
-            keys.append(k1)
-            ids.append(ids1)
+    def forward(self, x1, x2, ids1, ids2, x3=None, ids3=None) -> dict[str, torch.Tensor]:
+        xs, ids = ([x1, x2], [ids1, ids2]) if x3 is None else ([x1, x2, x3], [ids1, ids2, ids3])
+        keys = [self._keys(x) for x in xs]
+        queue = self.queue.keys.clone()  # the queue is overwritten in place before backward needs it
+        queries = range(len(xs)) if self.symmetric else range(1)
+        losses, masks = [], []
+        for a in queries:
+            q = F.normalize(self.projector(self.backbone(xs[a])), dim=1)
+            mask = self.negative_mask(ids[a])
+            positives = torch.stack([keys[b] for b in range(len(xs)) if b != a], dim=1)  # [B, V-1, D]
+            losses.append(info_nce(q, positives, queue, self.temperature, mask))
             masks.append(mask)
-        out = {"loss": loss}
+        out = {"loss": torch.stack(losses).mean()}
         if masks[0] is not None:
             out["masked_negatives"] = torch.cat(masks).sum(1).float().mean().detach()
-        # Gather each direction separately so the queue order is the global batch order whatever the world size.
-        self.queue.enqueue(torch.cat([D.all_gather(k) for k in keys]), torch.cat([D.all_gather(i) for i in ids]))
+        # Asymmetric: only the key of view 2 is enqueued (the official code); symmetric: every view's key.
+        # Gathered view by view so the queue order is the global batch order whatever the world size.
+        enq = range(1, len(xs)) if not self.symmetric else [1, 0] + list(range(2, len(xs)))
+        self.queue.enqueue(torch.cat([D.all_gather(keys[b]) for b in enq]),
+                           torch.cat([D.all_gather(ids[b]) for b in enq]))
         return out
 
     @torch.no_grad()

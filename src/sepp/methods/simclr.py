@@ -6,6 +6,9 @@ the following L2 normalisation makes nearly equivalent). CIFAR defaults (``CIFAR
 CIFAR-10 command): T 0.5.
 
 Negatives are the whole global batch: embeddings are gathered from every process with gradient.
+SePP: a third view (``x3``, a semantic partner of the anchor's image) is an extra positive of both anchor
+views (multi-positive NT-Xent); with known positives registered (``sepp.mask_negatives``) a view of the
+anchor's own image or of a known partner is never one of its negatives.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from sepp.engine import distributed as D
-from sepp.methods.losses import nt_xent
+from sepp.methods.known import KnownPositives
+from sepp.methods.losses import nt_xent_views
 from sepp.models.heads import mlp
 
 
@@ -26,12 +30,21 @@ class SimCLR(nn.Module):
         self.backbone = backbone
         self.projector = mlp(feat_dim, proj_hidden_dim, proj_dim, 2, last_bn=True)
         self.temperature = temperature
+        self.known = KnownPositives()
 
-    def forward(self, x1, x2, ids1, ids2) -> dict[str, torch.Tensor]:
-        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
-        z1_all, z2_all = D.all_gather_with_grad(z1), D.all_gather_with_grad(z2)
-        loss = nt_xent(z1, z2, self.temperature, z1_all, z2_all, offset=D.get_rank() * z1.shape[0])
-        return {"loss": loss}
+    def set_known_positives(self, i, j, num_images: int) -> None:
+        self.known.set(i, j, num_images)
+
+    def forward(self, x1, x2, ids1, ids2, x3=None, ids3=None) -> dict[str, torch.Tensor]:
+        xs, ids = ([x1, x2], [ids1, ids2]) if x3 is None else ([x1, x2, x3], [ids1, ids2, ids3])
+        zs = [self.projector(self.backbone(x)) for x in xs]
+        zs_all = [D.all_gather_with_grad(z) for z in zs]
+        drop = self.known.mask(torch.cat(ids), torch.cat([D.all_gather(i) for i in ids]))
+        loss = nt_xent_views(zs, self.temperature, zs_all, offset=D.get_rank() * zs[0].shape[0], drop=drop)
+        out = {"loss": loss}
+        if drop is not None:
+            out["masked_negatives"] = drop.sum(1).float().mean().detach()
+        return out
 
     def after_step(self, progress: float) -> None:
         """Nothing to update: SimCLR has no momentum encoder."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sepp.methods.losses import negative_cosine
+from sepp.methods.losses import negative_cosine, predictive_views
 from sepp.models.heads import mlp
 
 
@@ -26,10 +26,12 @@ class SimSiam(nn.Module):
         self.predictor = mlp(proj_dim, pred_hidden_dim, proj_dim, 2)
         self.fix_pred_lr = fix_pred_lr
 
-    def forward(self, x1, x2, ids1, ids2) -> dict[str, torch.Tensor]:
-        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
-        p1, p2 = self.predictor(z1), self.predictor(z2)
-        loss = (negative_cosine(p1, z2) + negative_cosine(p2, z1)) / 2
+    def forward(self, x1, x2, ids1, ids2, x3=None, ids3=None) -> dict[str, torch.Tensor]:
+        """Two views: (D(p1, z2) + D(p2, z1)) / 2. A third view (a semantic partner) is one more predicted
+        target: the mean of D over every ordered pair of views."""
+        zs = [self.projector(self.backbone(x)) for x in ([x1, x2] if x3 is None else [x1, x2, x3])]
+        loss = predictive_views([self.predictor(z) for z in zs], zs, negative_cosine)
+        z1 = zs[0]
         # Collapse monitor from the paper: per-dimension std of the normalised output, ~1/sqrt(dim) when
         # healthy and 0 when collapsed.
         z_std = F.normalize(z1.detach().float(), dim=1).std(0).mean()

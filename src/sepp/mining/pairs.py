@@ -31,9 +31,10 @@ class Pairs:
         return len(self.i)
 
 
-def select_pairs(idx: np.ndarray, sim: np.ndarray, k: int, threshold: float, mutual: bool = False
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Keep the first ``k`` neighbours of each row whose similarity is ``>= threshold``.
+def select_pairs(idx: np.ndarray, sim: np.ndarray, k: int, threshold: float, mutual: bool = False,
+                 rank_from: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keep the neighbours at ranks ``rank_from..k`` (1-based; ``rank_from=1``: the first ``k``) of each row
+    whose similarity is ``>= threshold``.
 
     ``idx``/``sim`` are ``[N, K]`` search results (rows sorted best first; idx -1 = no neighbour). A row's
     own index is never kept. ``k`` larger than K uses all K columns. With ``mutual`` a pair (i, j) is kept
@@ -46,6 +47,7 @@ def select_pairs(idx: np.ndarray, sim: np.ndarray, k: int, threshold: float, mut
     idx, sim = idx[:, :max(0, int(k))], sim[:, :max(0, int(k))]
     rows = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], idx.shape)
     keep = (sim >= threshold) & (idx >= 0) & (idx != rows)
+    keep[:, :max(0, int(rank_from) - 1)] = False
     i, j, s = rows[keep], idx[keep].astype(np.int64), sim[keep].astype(np.float32)
     if mutual and len(i):
         # Pair codes i * M + j; (i, j) survives when the reversed code was also kept.

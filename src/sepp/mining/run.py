@@ -13,6 +13,7 @@ from torch import nn
 
 from sepp.fileio import atomic_write
 from sepp.mining.embed import embed
+from sepp.mining.oracle import diagnostic_line, nearest_same_class, random_partners
 from sepp.mining.pairs import save_pairs, select_pairs
 from sepp.mining.search import resolve_precision, topk, world_info
 from sepp.mining.stats import mining_stats, pair_correct
@@ -25,7 +26,9 @@ def _write_json(path: Path, obj) -> None:
 def mine_pairs(encoder: nn.Module, dataset, *, k: int, threshold: float, mutual: bool, backend: str,
                chunk_size: int, precision: str, batch_size: int, device: str | torch.device,
                out_dir: str | os.PathLike, meta: dict, save_embeddings: bool = False, plots: bool = True,
-               workers: int = 0, nlist: int | None = None, nprobe: int | None = None) -> dict:
+               workers: int = 0, nlist: int | None = None, nprobe: int | None = None, rank_from: int = 1,
+               oracle: str = "none", oracle_precision: float = 1.0, oracle_candidates: int = 50,
+               seed: int = 0) -> dict:
     """Mine semantic positive pairs of ``dataset`` (an IndexedDataset with the eval transform) with the
     frozen ``encoder`` (backbone, or backbone + projector, as ``mine.features`` says).
 
@@ -34,6 +37,10 @@ def mine_pairs(encoder: nn.Module, dataset, *, k: int, threshold: float, mutual:
     ``embeddings.npy`` when ``save_embeddings``, ``pairs_gallery.png`` and ``similarity_hist.png`` when
     ``plots``. Labels are used only for the statistics and figures. Under torchrun every rank embeds and
     searches its share, rank 0 writes the files; all ranks return the statistics.
+
+    ``rank_from`` keeps neighbours at ranks ``rank_from..k`` only (skipping the easiest). ``oracle``
+    ("nearest" | "random", see :mod:`sepp.mining.oracle`) builds DIAGNOSTIC pairs from the labels instead
+    (threshold, mutual and rank_from do not apply); their files say so first.
     """
     rank, world = world_info()
     device = torch.device(device)
@@ -48,18 +55,29 @@ def mine_pairs(encoder: nn.Module, dataset, *, k: int, threshold: float, mutual:
                 out_path=out_dir / "embeddings.npy" if save_embeddings else None,
                 rank=rank, world=world, workers=workers)
     t1 = time.perf_counter()
-    idx, sim = topk(emb, k, backend, chunk_size=chunk_size, device=device, precision=precision,
-                    nlist=nlist, nprobe=nprobe, rank=rank, world=world)
-    t2 = time.perf_counter()
-    i, j, s = select_pairs(idx, sim, k, threshold, mutual)
-
     labels = getattr(dataset, "labels", None)
     classes = getattr(dataset, "classes", None)
+    if oracle == "random":
+        i, j = random_partners(labels, k, oracle_precision, seed)
+        s = np.einsum("nd,nd->n", np.asarray(emb[i]), np.asarray(emb[j])).astype(np.float32)
+    else:
+        search_k = max(k, oracle_candidates) if oracle == "nearest" else k
+        idx, sim = topk(emb, search_k, backend, chunk_size=chunk_size, device=device, precision=precision,
+                        nlist=nlist, nprobe=nprobe, rank=rank, world=world)
+        i, j, s = (nearest_same_class(idx, sim, labels, k) if oracle == "nearest"
+                   else select_pairs(idx, sim, k, threshold, mutual, rank_from))
+    t2 = time.perf_counter()
+
     stats = mining_stats(i, j, s, n, labels=labels, classes=classes)
-    settings = {"k": int(k), "threshold": float(threshold), "mutual": bool(mutual), "num_images": n,
-                "fingerprint": dataset.fingerprint(), "name": dataset.name, "split": dataset.split,
-                "backend": backend, "precision": precision if backend == "exact" else None,
-                "embedding_dim": int(emb.shape[1])}
+    settings = {"k": int(k), "threshold": float(threshold), "mutual": bool(mutual), "rank_from": int(rank_from),
+                "num_images": n, "fingerprint": dataset.fingerprint(), "name": dataset.name,
+                "split": dataset.split, "backend": backend, "precision": precision if backend == "exact" else None,
+                "embedding_dim": int(emb.shape[1]), "oracle": oracle}
+    if oracle != "none":
+        settings.update(oracle_precision=float(oracle_precision) if oracle == "random" else None,
+                        oracle_candidates=int(oracle_candidates) if oracle == "nearest" else None,
+                        seed=int(seed))
+        stats = {"diagnostic": diagnostic_line(oracle, oracle_precision), **stats}
     stats["settings"] = settings
     stats["timings"] = {"embed_s": t1 - t0, "search_s": t2 - t1}
 

@@ -8,34 +8,62 @@ def _pct(v, scale=1.0):
     return "—" if v is None else f"{scale * v:.2f}"
 
 
+ARMS = (("baseline", "baseline (same optimizer steps)"),
+        ("control", "control: baseline with the SePP arm's views, all of the image itself (same compute)"),
+        ("sepp", "+ SePP"))
+
+
 def write_report(out: Path, results: dict, stats: dict, cfg) -> Path:
-    m, b, s = results["mining"], results["baseline"], results["sepp"]
-    lines = [
+    from sepp.eval.stats import format_difference, format_mean_std
+
+    m, s = results["mining"], results["sepp"]
+    seeds = results.get("seeds", [])
+    lines = [f"> **{results['diagnostic']}** — an upper bound for research, not a result of mining.", ""] \
+        if results.get("diagnostic") else []
+    lines += [
         f"# SePP experiment: {results['method']} on {results['dataset']}",
         "",
         f"Backbone `{results['backbone']}`, {results['num_images']} training images, device `{results['device']}`"
         f" × {results['world_size']} process(es). Budget matched by **{results['budget']}**; the SePP model "
-        f"starts from **{s['init']}**, pairs used in **{s['mode']}** mode.",
+        f"starts from **{s['init']}**, pairs used in **{s['mode']}** mode"
+        f"{', negatives masked' if s.get('mask_negatives') else ''}. Seeds: {', '.join(map(str, seeds))} "
+        "(every arm is trained once per seed; mean ± std over seeds).",
         "",
         "## Results",
         "",
-        "| model | epochs | optimizer steps | kNN top-1 (%) | linear top-1 (%) |",
-        "|---|---|---|---|---|",
-        f"| {results['method']} baseline | {b['epochs']} | {b['steps']} | {_pct(b['knn_top1'])} | {_pct(b['linear_top1'])} |",
-        f"| {results['method']} + SePP | {s['epochs']} | {s['steps']} | {_pct(s['knn_top1'])} | {_pct(s['linear_top1'])} |",
-        "",
+        "| model | epochs | optimizer steps | views / sample | images forwarded | kNN top-1 (%) | linear top-1 (%) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    if b["knn_top1"] is not None and s["knn_top1"] is not None:
-        lines.append(f"Difference (SePP − baseline): kNN {s['knn_top1'] - b['knn_top1']:+.2f} points"
-                     + (f", linear {s['linear_top1'] - b['linear_top1']:+.2f} points"
-                        if b["linear_top1"] is not None and s["linear_top1"] is not None else "") + ".")
+    for name, label in ARMS:
+        if name in results:
+            r = results[name]
+            lines.append(f"| {results['method']} {label} | {r['epochs']} | {r['steps']} | {r.get('views', 2)} | "
+                         f"{r.get('images_forwarded', '—')} | {format_mean_std(r['knn'])} | "
+                         f"{format_mean_std(r['linear'])} |")
+    lines.append("")
+    for key, d in results.get("difference", {}).items():
+        other = key.split("-", 1)[1]
+        lines.append(f"**SePP − {other}** (paired by seed, {d['knn']['n']} seed(s)): kNN "
+                     f"{format_difference(d['knn'], ' points')}, linear {format_difference(d['linear'], ' points')}.")
+        lines.append("")
+    if len(seeds) > 1:
+        present = [n for n, _ in ARMS if n in results]
+        lines += ["| seed | " + " | ".join(f"{n} kNN / linear" for n in present) + " |",
+                  "|---|" + "---|" * len(present)]
+        for k, seed in enumerate(seeds):
+            cells = [f"{_pct(results[n]['runs'][k]['knn_top1'])} / {_pct(results[n]['runs'][k]['linear_top1'])}"
+                     for n in present]
+            lines.append(f"| {seed} | " + " | ".join(cells) + " |")
         lines.append("")
     if results["dataset"] == "cifar10":
         lines += ["CIFAR-10 here may be the JPEG-degraded copy of the development machines: compare the two "
                   "rows with each other, not with published tables.", ""]
-    lines += ["![kNN accuracy and loss per epoch](curves.png)", "", "## Mining", "",
-              f"Encoder `{m['encoder']}`, features `{m['features']}`, top-k = {m['k']}, threshold = "
-              f"{m['threshold']}, mutual = {m['mutual']}.", "",
+    source = (f"DIAGNOSTIC pairs from the labels (`mine.oracle={m['oracle']}`"
+              + (f", precision {m['oracle_precision']}" if m.get("oracle_precision") is not None else "")
+              + f"), k = {m['k']}; similarities from encoder `{m['encoder']}`." if m.get("oracle", "none") != "none"
+              else f"Encoder `{m['encoder']}`, features `{m['features']}`, top-k = {m['k']} (ranks "
+                   f"{m.get('rank_from', 1)}..{m['k']}), threshold = {m['threshold']}, mutual = {m['mutual']}.")
+    lines += ["![kNN accuracy and loss against optimizer steps](curves.png)", "", "## Pairs", "", source, "",
               "| pairs | images | coverage | label precision |", "|---|---|---|---|",
               f"| {m['num_pairs']} | {m['num_images']} | {_pct(m['coverage'], 100)} % | "
               f"{'n/a (no labels; never used for mining)' if m['precision'] is None else _pct(m['precision'], 100) + ' %'} |",
