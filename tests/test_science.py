@@ -300,3 +300,33 @@ def test_sepp_run_over_seeds_with_oracle_pairs_and_control(cifar_root, tmp_path,
     table = capsys.readouterr().out
     assert "DIAGNOSTIC" in table and "SePP - control" in table and "95 % CI" in table
     assert (out / "curves.png").stat().st_size > 1000
+
+
+def test_precision_sweep_runs_end_to_end(cifar_root, tmp_path):
+    """benchmarks/precision_sweep.py on a tiny budget: two oracle precisions and the mined point, two seeds,
+    the baseline trained once and shared; writes its table, JSON and picture."""
+    import importlib.util
+    from pathlib import Path
+
+    from sepp.engine.trainer import pretrain
+
+    enc = tmp_path / "enc"
+    pretrain(load_config("demo", tiny_overrides(cifar_root, enc, method="simclr", subset=80, batch=20)),
+             progress=False)
+    spec = importlib.util.spec_from_file_location(
+        "precision_sweep", Path(__file__).resolve().parents[1] / "benchmarks" / "precision_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    out = tmp_path / "sweep"
+    assert sweep.main(["--encoder", str(enc / "last.pt"), "--out", str(out), "--precisions", "0.0", "1.0",
+                       "--seeds", "0", "1", *tiny_overrides(cifar_root, out, method="simclr", subset=80, batch=20),
+                       "data.eval_subset=100", "eval.linear_epochs=2", "sepp.mode=substitute", "sepp.p=1.0",
+                       "run.sepp_epochs=1", "mine.k=2"]) == 0
+    result = json.loads((out / "precision_sweep.json").read_text())
+    assert set(result["points"]) == {"0.0", "1.0", "mined"}
+    assert result["points"]["1.0"]["precision"] == 1.0 and result["points"]["0.0"]["precision"] == 0.0
+    assert (out / "oracle_p1.0" / "seed_1" / "baseline").is_symlink()  # trained once, shared
+    same = [result["points"][p]["baseline"]["knn"]["values"] for p in result["points"]]
+    assert same[0] == same[1] == same[2]
+    assert "oracle, P = 1.0" in (out / "precision_sweep.md").read_text()
+    assert (out / "precision_gain.png").stat().st_size > 1000

@@ -189,8 +189,9 @@ def _seed_arms(cfg, seed: int, where: Path, out: Path, phase1, phase1_ckpt: str,
     _log(f"phase 5/5 (seed {seed}): kNN and linear evaluation")
     arms = {}
     for name, (summary, d) in trained.items():
-        ev = _evaluate(d / "last.pt", cfg)
+        ev = _evaluate(d / "last.pt", cfg, out / "mining" / "pairs.npz")
         arms[name] = {"knn_top1": ev["knn_top1"], "linear_top1": ev.get("linear_top1"),
+                      "pair_cosine": ev.get("pair_cosine"),
                       "epochs": summary["epochs"], "steps": summary["steps"],
                       "num_pairs": summary.get("num_pairs", 0), "num_images": summary["num_images"],
                       "views": summary.get("views", 2), "images_forwarded": summary.get("images_forwarded"),
@@ -209,14 +210,35 @@ def _aggregate(runs: list[dict]) -> dict:
             "epochs": first["epochs"], "steps": first["steps"], "num_pairs": first["num_pairs"],
             "views": first["views"], "images_forwarded": first["images_forwarded"],
             "dir": first["dir"],
-            "runs": [{k: r[k] for k in ("seed", "knn_top1", "linear_top1", "dir")} for r in runs]}
+            "pair_cosine": summarize([(r.get("pair_cosine") or {}).get("pairs") for r in runs])["mean"],
+            "random_pair_cosine": summarize([(r.get("pair_cosine") or {}).get("random") for r in runs])["mean"],
+            "runs": [{k: r.get(k) for k in ("seed", "knn_top1", "linear_top1", "pair_cosine", "dir")} for r in runs]}
 
 
-def _evaluate(ckpt: Path, cfg: DictConfig) -> dict:
+def pair_cosine(backbone, cfg: DictConfig, pairs_path: Path, seed: int = 0) -> dict:
+    """How close the pairs are for a model: mean cosine similarity of its backbone features (un-augmented
+    training images) over the pairs, and over as many random image pairs for reference."""
+    import numpy as np
+
+    from ..mining.pairs import load_pairs
+    from .trainer import eval_data, features
+
+    pairs = load_pairs(pairs_path)
+    if len(pairs) == 0:
+        return {"pairs": None, "random": None}
+    ds = eval_data(cfg, cfg.data.split, cfg.data.subset)
+    f = torch.nn.functional.normalize(features(backbone, ds, cfg, torch.device(cfg.device)).float(), dim=1)
+    rng = np.random.default_rng(seed)
+    ri, rj = rng.integers(0, len(ds), len(pairs)), rng.integers(0, len(ds), len(pairs))
+    cos = lambda a, b: float((f[torch.as_tensor(a)] * f[torch.as_tensor(b)]).sum(1).mean())
+    return {"pairs": cos(pairs.i, pairs.j), "random": cos(ri, rj)}
+
+
+def _evaluate(ckpt: Path, cfg: DictConfig, pairs_path: Path | None = None) -> dict:
     path = ckpt.parent / "eval.json"
     if path.exists():
         return json.loads(path.read_text())
-    result = {"knn_top1": None, "linear_top1": None, "seconds": 0.0}
+    result = {"knn_top1": None, "linear_top1": None, "pair_cosine": None, "seconds": 0.0}
     if dist_utils.is_main():
         from ..eval.run import knn_from_method, linear_from_method
         from .checkpoint import load_trained
@@ -227,6 +249,8 @@ def _evaluate(ckpt: Path, cfg: DictConfig) -> dict:
         result["knn_top1"] = knn_from_method(method, ecfg)
         if cfg.run.linear:
             result["linear_top1"] = linear_from_method(method, ecfg)["top1"]
+        if pairs_path is not None and pairs_path.exists():
+            result["pair_cosine"] = pair_cosine(method.backbone, ecfg, pairs_path)
         result["seconds"] = time.time() - t0
         path.write_text(json.dumps(result, indent=2))
     return dist_utils.broadcast_object(result)

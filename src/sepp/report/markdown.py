@@ -46,6 +46,12 @@ def write_report(out: Path, results: dict, stats: dict, cfg) -> Path:
         lines.append(f"**SePP − {other}** (paired by seed, {d['knn']['n']} seed(s)): kNN "
                      f"{format_difference(d['knn'], ' points')}, linear {format_difference(d['linear'], ' points')}.")
         lines.append("")
+    cosines = [(label, results[n]) for n, label in ARMS if n in results and results[n].get("pair_cosine") is not None]
+    if cosines:
+        lines += ["How close the pairs are for each trained model (mean cosine of backbone features over the pairs; "
+                  "random image pairs for reference): " + "; ".join(
+                      f"{n.split(':')[0].strip('+ ')} {r['pair_cosine']:.3f} (random {r['random_pair_cosine']:.3f})"
+                      for n, r in cosines) + ".", ""]
     if len(seeds) > 1:
         present = [n for n, _ in ARMS if n in results]
         lines += ["| seed | " + " | ".join(f"{n} kNN / linear" for n in present) + " |",
