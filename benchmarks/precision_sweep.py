@@ -9,7 +9,7 @@ others. Writes ``precision_sweep.json``, ``precision_sweep.md`` (the table) and 
 marked) under ``--out``.
 
     python benchmarks/precision_sweep.py --encoder runs/demo/pretrain/last.pt --out runs/precision_sweep \
-        [--precisions 0.3 0.5 0.7 0.9 1.0] [--seeds 0 1 2] [key=value ...]
+        [--precisions 0.3,0.5,0.7,0.9,1.0] [--seeds 0,1,2] [key=value ...]
 
 Overrides are `sepp run` config keys on top of ``--config`` (default: the demo config, trained from
 scratch in ``multi`` mode with negatives masked and k = 5 partners per image).
@@ -145,8 +145,10 @@ def main(argv=None) -> int:
     p.add_argument("--encoder", required=True, help="sepp checkpoint whose encoder mines (and scores) the pairs")
     p.add_argument("--config", default="demo")
     p.add_argument("--out", default="runs/precision_sweep")
-    p.add_argument("--precisions", nargs="+", type=float, default=[0.3, 0.5, 0.7, 0.9, 1.0])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--precisions", type=lambda v: [float(x) for x in v.split(",")], default=[0.3, 0.5, 0.7, 0.9, 1.0],
+                   help="comma-separated oracle precisions (default 0.3,0.5,0.7,0.9,1.0)")
+    p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2],
+                   help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--no-mined", action="store_true", help="skip the point with the encoder's mined pairs")
     p.add_argument("overrides", nargs="*", help="sepp run config overrides, key=value")
     args = p.parse_args(argv)

@@ -318,8 +318,8 @@ def test_precision_sweep_runs_end_to_end(cifar_root, tmp_path):
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
     out = tmp_path / "sweep"
-    assert sweep.main(["--encoder", str(enc / "last.pt"), "--out", str(out), "--precisions", "0.0", "1.0",
-                       "--seeds", "0", "1", *tiny_overrides(cifar_root, out, method="simclr", subset=80, batch=20),
+    assert sweep.main(["--encoder", str(enc / "last.pt"), "--out", str(out), "--precisions", "0.0,1.0",
+                       "--seeds", "0,1", *tiny_overrides(cifar_root, out, method="simclr", subset=80, batch=20),
                        "data.eval_subset=100", "eval.linear_epochs=2", "sepp.mode=substitute", "sepp.p=1.0",
                        "run.sepp_epochs=1", "mine.k=2"]) == 0
     result = json.loads((out / "precision_sweep.json").read_text())
