@@ -51,7 +51,7 @@ def sweep(args) -> dict:
     points = [str(p) for p in args.precisions] + (["mined"] if not args.no_mined else [])
     seeds = [int(s) for s in args.seeds]
     rows = {}
-    first = None
+    first = Path(args.baseline_from) if args.baseline_from else None
     for point in points:
         here = out / ("mined" if point == "mined" else f"oracle_p{point}")
         if first is not None:
@@ -150,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2],
                    help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--no-mined", action="store_true", help="skip the point with the encoder's mined pairs")
+    p.add_argument("--baseline-from", help="an earlier `sepp run` out dir with the same config and seeds whose "
+                   "baseline/control arms are reused instead of trained")
     p.add_argument("overrides", nargs="*", help="sepp run config overrides, key=value")
     args = p.parse_args(argv)
     result = sweep(args)

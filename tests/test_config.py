@@ -35,7 +35,9 @@ def test_defaults_and_overrides():
     (["sepp.mode=swap"], ["sepp.mode", "enlarge, substitute"]),
     (["device=tpu"], ["device", "auto, cpu, cuda"]),
     (["epochs"], ["not key=value"]),
-    (["method=simclr", "sepp.mask_negatives=true"], ["mask_negatives", "mocov2"]),
+    (["method=byol", "sepp.mask_negatives=true"], ["mask_negatives", "mocov2, simclr"]),
+    (["run.evals=[knn,detection]"], ["run.evals", "finetune"]),
+    (["mine.rank_from=6", "mine.k=5"], ["rank_from", "mine.k=5"]),
 ])
 def test_bad_input_is_one_line(overrides, words):
     msg = _err(overrides)

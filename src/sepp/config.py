@@ -187,7 +187,9 @@ class RunConfig:
     sepp_epochs: int = 0  # SePP training epochs (0: train.epochs)
     init: str = "scratch"  # scratch | baseline: the SePP model starts from random weights or phase 1
     budget: str = "steps"  # steps | epochs: how the comparison baseline is matched to the SePP model
-    linear: bool = True
+    # evaluations of every arm: knn, linear, finetune (eval.label_fraction), transfer (transfer.data),
+    # embed_plot (one picture of the first seed's arms side by side)
+    evals: list[str] = field(default_factory=lambda: ["knn", "linear"])
     seeds: list[int] = field(default_factory=list)  # repeat the compared arms over these seeds ([]: [seed])
     # when the SePP arm forwards more views per step (sepp.mode=multi), also train the compute-matched
     # control: the baseline with as many views of the image itself
@@ -374,6 +376,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.sepp.mask_negatives and cfg.method not in NEGATIVE_METHODS:
         raise SeppError(f"sepp.mask_negatives=true needs a method with negatives ({', '.join(NEGATIVE_METHODS)}); "
                         f"{cfg.method} has none")
+    bad = [e for e in cfg.run.evals if e not in RUN_EVALS]
+    if bad:
+        raise SeppError(f"run.evals has {bad[0]!r}; choose from: {', '.join(RUN_EVALS)}")
     if not 0.0 <= cfg.mine.oracle_precision <= 1.0:
         raise SeppError(f"mine.oracle_precision must be in [0, 1] (got {cfg.mine.oracle_precision})")
     if cfg.mine.rank_from > cfg.mine.k:
@@ -381,6 +386,7 @@ def validate(cfg: DictConfig) -> None:
                         "keep rank_from <= k")
 
 
+RUN_EVALS = ("knn", "linear", "finetune", "transfer", "embed_plot")  # what `sepp run` can evaluate
 NEGATIVE_METHODS = ("mocov2", "simclr")  # methods whose loss has negatives that sepp.mask_negatives can mask
 
 

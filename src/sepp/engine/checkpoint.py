@@ -56,6 +56,9 @@ def file_hash(path: str | os.PathLike, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
+RETIRED_KEYS = ("run.linear",)  # run.linear=false is now run.evals without "linear"
+
+
 def config_from_checkpoint(ckpt: dict, overrides=()):
     """The run's config with machine-specific values reset (device, data root, workers), then overrides."""
     from omegaconf import OmegaConf
@@ -63,6 +66,11 @@ def config_from_checkpoint(ckpt: dict, overrides=()):
     from ..config import build_config, parse_overrides, resolve
 
     saved = OmegaConf.create(ckpt["config"])
+    for key in RETIRED_KEYS:  # written by older versions; their meaning now lives elsewhere
+        section, _, name = key.rpartition(".")
+        node = OmegaConf.select(saved, section) if section else saved
+        if node is not None and name in node:
+            node.pop(name)
     saved.device = "auto"
     saved.data.root = None
     saved.data.workers = -1

@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import resolve
-from ..eval.stats import format_difference, format_mean_std, paired_difference, summarize
+from ..eval.stats import SCORES, format_difference, format_mean_std, paired_difference, summarize
 from . import distributed as dist_utils
 from .trainer import pretrain
 
@@ -129,9 +129,11 @@ def run_experiment(cfg: DictConfig, progress: bool = True) -> dict:
         "seconds": seconds,
     }
     results["sepp"].update(mode=cfg.sepp.mode, init=cfg.run.init, mask_negatives=bool(cfg.sepp.mask_negatives))
+    scored = [m for m in SCORES if m in cfg.run.evals]
+    results["evals"] = list(cfg.run.evals)
     results["difference"] = {f"sepp-{other}": {m: paired_difference(results["sepp"][m]["values"],
                                                                       results[other][m]["values"])
-                                                 for m in ("knn", "linear")}
+                                                 for m in scored}
                              for other in ("baseline", "control") if other in results}
     if dist_utils.is_main():
         (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -144,6 +146,8 @@ def run_experiment(cfg: DictConfig, progress: bool = True) -> dict:
         labels = {"sepp": "SePP", "baseline": "baseline", "control": "control (extra views)"}
         plot_curves({labels[n]: [Path(e["dir"]) / "metrics.csv" for e in runs] for n, runs in arms.items()},
                     out / "curves.png")
+        results["embed_plot"] = _embed_pictures(cfg, arms, out)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
         write_report(out, results, stats, cfg)
     dist_utils.barrier()
     return results
@@ -179,6 +183,11 @@ def _seed_arms(cfg, seed: int, where: Path, out: Path, phase1, phase1_ckpt: str,
         _log(f"phase 4/5 (seed {seed}): baseline for the same budget ({b_epochs} epochs, {b_steps or 'all'} steps)")
         arm = _phase_cfg(cfg, where / "baseline", b_epochs, seed=seed, **{"train.max_steps": b_steps})
         trained["baseline"] = (_train(arm, where / "baseline", progress, init), where / "baseline")
+    if b_steps and trained["baseline"][0]["steps"] != b_steps:
+        from ..errors import SeppError
+
+        raise SeppError(f"the baseline in {trained['baseline'][1]} has {trained['baseline'][0]['steps']} steps but "
+                        f"the SePP arm {b_steps}; remove that directory so it is trained for the same budget")
     if cfg.run.control and sepp_run.get("views", 2) > views:
         _log(f"phase 4/5 (seed {seed}): control with {sepp_run['views']} views of the image itself "
              "(the SePP arm's compute per step)")
@@ -190,8 +199,7 @@ def _seed_arms(cfg, seed: int, where: Path, out: Path, phase1, phase1_ckpt: str,
     arms = {}
     for name, (summary, d) in trained.items():
         ev = _evaluate(d / "last.pt", cfg, out / "mining" / "pairs.npz")
-        arms[name] = {"knn_top1": ev["knn_top1"], "linear_top1": ev.get("linear_top1"),
-                      "pair_cosine": ev.get("pair_cosine"),
+        arms[name] = {**{key: ev.get(key) for key, _ in SCORES.values()}, "pair_cosine": ev.get("pair_cosine"),
                       "epochs": summary["epochs"], "steps": summary["steps"],
                       "num_pairs": summary.get("num_pairs", 0), "num_images": summary["num_images"],
                       "views": summary.get("views", 2), "images_forwarded": summary.get("images_forwarded"),
@@ -203,16 +211,16 @@ def _seed_arms(cfg, seed: int, where: Path, out: Path, phase1, phase1_ckpt: str,
 def _aggregate(runs: list[dict]) -> dict:
     """One arm over its seeds: ``knn_top1``/``linear_top1`` are the means (what the table prints), ``knn`` and
     ``linear`` their statistics, ``runs`` each seed's entry."""
-    knn = summarize([r["knn_top1"] for r in runs])
-    linear = summarize([r["linear_top1"] for r in runs])
+    stats = {name: summarize([r[key] for r in runs]) for name, (key, _) in SCORES.items()}
     first = runs[0]
-    return {"knn_top1": knn["mean"], "linear_top1": linear["mean"], "knn": knn, "linear": linear,
+    return {**{key: stats[name]["mean"] for name, (key, _) in SCORES.items()}, **stats,
             "epochs": first["epochs"], "steps": first["steps"], "num_pairs": first["num_pairs"],
             "views": first["views"], "images_forwarded": first["images_forwarded"],
             "dir": first["dir"],
             "pair_cosine": summarize([(r.get("pair_cosine") or {}).get("pairs") for r in runs])["mean"],
             "random_pair_cosine": summarize([(r.get("pair_cosine") or {}).get("random") for r in runs])["mean"],
-            "runs": [{k: r.get(k) for k in ("seed", "knn_top1", "linear_top1", "pair_cosine", "dir")} for r in runs]}
+            "runs": [{k: r.get(k) for k in ("seed", *(key for key, _ in SCORES.values()), "pair_cosine", "dir")}
+                     for r in runs]}
 
 
 def pair_cosine(backbone, cfg: DictConfig, pairs_path: Path, seed: int = 0) -> dict:
@@ -235,25 +243,53 @@ def pair_cosine(backbone, cfg: DictConfig, pairs_path: Path, seed: int = 0) -> d
 
 
 def _evaluate(ckpt: Path, cfg: DictConfig, pairs_path: Path | None = None) -> dict:
+    """The run's evaluations (``run.evals`` but embed_plot) of one trained arm, cached in ``eval.json``."""
     path = ckpt.parent / "eval.json"
+    wanted = [e for e in cfg.run.evals if e in SCORES]
     if path.exists():
-        return json.loads(path.read_text())
-    result = {"knn_top1": None, "linear_top1": None, "pair_cosine": None, "seconds": 0.0}
+        cached = json.loads(path.read_text())
+        if all(SCORES[e][0] in cached for e in wanted):
+            return cached
+    result = {SCORES[e][0]: None for e in SCORES}
+    result.update(pair_cosine=None, seconds=0.0)
     if dist_utils.is_main():
         from ..eval.run import knn_from_method, linear_from_method
         from .checkpoint import load_trained
 
         t0 = time.time()
-        method, ecfg, _ = load_trained(ckpt, [f"device={cfg.device}", f"data.root={cfg.data.root}",
-                                              f"data.workers={cfg.data.workers}"])
-        result["knn_top1"] = knn_from_method(method, ecfg)
-        if cfg.run.linear:
+        overrides = [f"device={cfg.device}", f"data.root={cfg.data.root}", f"data.workers={cfg.data.workers}"]
+        method, ecfg, _ = load_trained(ckpt, overrides)
+        if "knn" in wanted:
+            result["knn_top1"] = knn_from_method(method, ecfg)
+        if "linear" in wanted:
             result["linear_top1"] = linear_from_method(method, ecfg)["top1"]
+        if "finetune" in wanted:
+            from ..eval.finetune import finetune_checkpoint
+
+            result["finetune_top1"] = finetune_checkpoint(str(ckpt), overrides, out=str(ckpt.parent / "finetune.json"))[
+                "finetune_top1"]
+        if "transfer" in wanted:
+            from ..eval.transfer import transfer_checkpoint
+
+            result["transfer_score"] = transfer_checkpoint(str(ckpt), overrides, out=str(ckpt.parent / "transfer.json"))[
+                "transfer_score"]
         if pairs_path is not None and pairs_path.exists():
             result["pair_cosine"] = pair_cosine(method.backbone, ecfg, pairs_path)
         result["seconds"] = time.time() - t0
         path.write_text(json.dumps(result, indent=2))
     return dist_utils.broadcast_object(result)
+
+
+def _embed_pictures(cfg: DictConfig, arms: dict, out: Path) -> str | None:
+    """``embed.png``: 2-D embeddings of the evaluation split, the first seed's arms side by side."""
+    if "embed_plot" not in cfg.run.evals or not dist_utils.is_main():
+        return None
+    from ..eval.embed_plot import embed_plot_checkpoints
+
+    labels = {"baseline": "baseline", "control": "control", "sepp": "SePP"}
+    ckpts = {labels[n]: str(Path(runs[0]["dir"]) / "last.pt") for n, runs in arms.items()}
+    embed_plot_checkpoints(ckpts, [f"device={cfg.device}", f"data.root={cfg.data.root}"], out=str(out / "embed.png"))
+    return "embed.png"
 
 
 def mine_checkpoint(checkpoint: str, cfg: DictConfig, out_dir: Path) -> dict:
@@ -283,20 +319,22 @@ def comparison_table(results: dict) -> str:
     method = results["method"]
     names = [("baseline", f"{method} baseline"), ("control", f"{method} control (same views as SePP)"),
              ("sepp", f"{method} + SePP")]
-    rows = [("model", "epochs", "steps", "images fwd", "kNN top-1", "linear top-1")]
+    scored = [m for m in SCORES if m in results.get("evals", ["knn", "linear"])]
+    rows = [("model", "epochs", "steps", "images fwd", *(SCORES[m][1] for m in scored))]
     for name, label in names:
         if name in results:
             r = results[name]
             rows.append((label, str(r["epochs"]), str(r["steps"]), str(r.get("images_forwarded", "—")),
-                         format_mean_std(r["knn"]), format_mean_std(r["linear"])))
+                         *(format_mean_std(r[m]) for m in scored)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if results.get("diagnostic"):
         lines.insert(0, results["diagnostic"])
     for key, d in results.get("difference", {}).items():
-        lines.append(f"{key.replace('sepp-', 'SePP - ')}: kNN {format_difference(d['knn'])}, "
-                     f"linear {format_difference(d['linear'])} ({d['knn']['n']} seed(s), paired)")
+        n = next(iter(d.values()))["n"] if d else 0
+        lines.append(f"{key.replace('sepp-', 'SePP - ')}: " + ", ".join(
+            f"{SCORES[m][1].split(' ')[0]} {format_difference(v)}" for m, v in d.items()) + f" ({n} seed(s), paired)")
     m = results["mining"]
     prec = "n/a (no labels)" if m.get("precision") is None else f"{100 * m['precision']:.1f} %"
     lines.append(f"pairs: {m['num_pairs']} (coverage {100 * m['coverage']:.1f} %, label precision {prec})")

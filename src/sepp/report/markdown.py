@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sepp.eval.stats import SCORES
+
 
 def _pct(v, scale=1.0):
     return "—" if v is None else f"{scale * v:.2f}"
@@ -13,8 +15,13 @@ ARMS = (("baseline", "baseline (same optimizer steps)"),
         ("sepp", "+ SePP"))
 
 
+SCORE_LABELS = {name: f"{label} (%)" for name, (_, label) in SCORES.items()}
+
+
 def write_report(out: Path, results: dict, stats: dict, cfg) -> Path:
     from sepp.eval.stats import format_difference, format_mean_std
+
+    scored = [m for m in SCORE_LABELS if m in results.get("evals", ["knn", "linear"])]
 
     m, s = results["mining"], results["sepp"]
     seeds = results.get("seeds", [])
@@ -31,21 +38,25 @@ def write_report(out: Path, results: dict, stats: dict, cfg) -> Path:
         "",
         "## Results",
         "",
-        "| model | epochs | optimizer steps | views / sample | images forwarded | kNN top-1 (%) | linear top-1 (%) |",
-        "|---|---|---|---|---|---|---|",
+        "| model | epochs | optimizer steps | views / sample | images forwarded | "
+        + " | ".join(SCORE_LABELS[m] for m in scored) + " |",
+        "|---|---|---|---|---|" + "---|" * len(scored),
     ]
     for name, label in ARMS:
         if name in results:
             r = results[name]
             lines.append(f"| {results['method']} {label} | {r['epochs']} | {r['steps']} | {r.get('views', 2)} | "
-                         f"{r.get('images_forwarded', '—')} | {format_mean_std(r['knn'])} | "
-                         f"{format_mean_std(r['linear'])} |")
+                         f"{r.get('images_forwarded', '—')} | " + " | ".join(format_mean_std(r[m]) for m in scored)
+                         + " |")
     lines.append("")
     for key, d in results.get("difference", {}).items():
         other = key.split("-", 1)[1]
-        lines.append(f"**SePP − {other}** (paired by seed, {d['knn']['n']} seed(s)): kNN "
-                     f"{format_difference(d['knn'], ' points')}, linear {format_difference(d['linear'], ' points')}.")
+        n = next(iter(d.values()))["n"] if d else 0
+        lines.append(f"**SePP − {other}** (paired by seed, {n} seed(s)): " + ", ".join(
+            f"{SCORE_LABELS[m].split(' (')[0]} {format_difference(v, ' points')}" for m, v in d.items()) + ".")
         lines.append("")
+    if results.get("embed_plot"):
+        lines += [f"![2-D embedding of the evaluation split, arms side by side]({results['embed_plot']})", ""]
     cosines = [(label, results[n]) for n, label in ARMS if n in results and results[n].get("pair_cosine") is not None]
     if cosines:
         lines += ["How close the pairs are for each trained model (mean cosine of backbone features over the pairs; "
@@ -54,11 +65,11 @@ def write_report(out: Path, results: dict, stats: dict, cfg) -> Path:
                       for n, r in cosines) + ".", ""]
     if len(seeds) > 1:
         present = [n for n, _ in ARMS if n in results]
-        lines += ["| seed | " + " | ".join(f"{n} kNN / linear" for n in present) + " |",
+        keys = {name: key for name, (key, _) in SCORES.items()}
+        lines += ["| seed | " + " | ".join(f"{n} {' / '.join(scored)}" for n in present) + " |",
                   "|---|" + "---|" * len(present)]
         for k, seed in enumerate(seeds):
-            cells = [f"{_pct(results[n]['runs'][k]['knn_top1'])} / {_pct(results[n]['runs'][k]['linear_top1'])}"
-                     for n in present]
+            cells = [" / ".join(_pct(results[n]["runs"][k][keys[m]]) for m in scored) for n in present]
             lines.append(f"| {seed} | " + " | ".join(cells) + " |")
         lines.append("")
     if results["dataset"] == "cifar10":
