@@ -36,7 +36,7 @@ def test_defaults_and_overrides():
     (["device=tpu"], ["device", "auto, cpu, cuda"]),
     (["epochs"], ["not key=value"]),
     (["method=byol", "sepp.mask_negatives=true"], ["mask_negatives", "mocov2, simclr"]),
-    (["run.evals=[knn,detection]"], ["run.evals", "finetune"]),
+    (["run.evals=[knn,detection]"], ["run.evals", "knn, linear"]),
     (["mine.rank_from=6", "mine.k=5"], ["rank_from", "mine.k=5"]),
 ])
 def test_bad_input_is_one_line(overrides, words):

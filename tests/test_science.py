@@ -331,23 +331,3 @@ def test_precision_sweep_runs_end_to_end(cifar_root, tmp_path):
     assert "oracle, P = 1.0" in (out / "precision_sweep.md").read_text()
     assert (out / "precision_gain.png").stat().st_size > 1000
 
-
-def test_sepp_run_evals_every_arm_with_the_whole_suite(cifar_root, tmp_path):
-    """run.evals: fine-tuning, transfer and the embedding picture for both arms, in results.json and report.md."""
-    pytest.importorskip("sklearn")
-    out = tmp_path / "exp"
-    args = ["run", "--config", "demo", *tiny_overrides(cifar_root, out, method="simclr", subset=80, batch=20),
-            "data.eval_subset=100", "run.baseline_epochs=1", "run.sepp_epochs=1", "run.seeds=[]", "mine.k=2",
-            "run.evals=[knn,finetune,transfer,embed_plot]", "eval.finetune_max_steps=2", "eval.finetune_batch_size=16",
-            "transfer.data.name=cifar10", "transfer.data.subset=100", "transfer.data.eval_subset=100",
-            "transfer.c_steps=3", "eval.embed_points=60", "eval.embed_algorithm=tsne"]
-    assert cli(args) == 0
-    results = json.loads((out / "results.json").read_text())
-    for arm in ("baseline", "sepp"):
-        r = results[arm]
-        assert r["knn_top1"] is not None and r["linear_top1"] is None
-        assert 0 <= r["finetune_top1"] <= 100 and 0 <= r["transfer_score"] <= 100
-    assert set(results["difference"]["sepp-baseline"]) == {"knn", "finetune", "transfer"}
-    assert results["embed_plot"] == "embed.png" and (out / "embed.png").stat().st_size > 1000
-    report = (out / "report.md").read_text()
-    assert "fine-tune top-1" in report and "transfer" in report and "embed.png" in report

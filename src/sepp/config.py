@@ -90,18 +90,6 @@ class BYOLConfig:
 
 
 @dataclass
-class NNCLRConfig:
-    """NNCLR (Dwibedi et al. 2021); CIFAR values from solo-learn's CIFAR recipe (the paper's ImageNet ones:
-    T 0.1, queue 98304)."""
-
-    proj_hidden_dim: int = 2048
-    proj_dim: int = 256
-    pred_hidden_dim: int = 4096
-    queue_size: int = 65536  # support set of past projections
-    temperature: float = 0.2
-
-
-@dataclass
 class TrainConfig:
     epochs: int = 800
     batch_size: int = 512  # global batch (split over processes)
@@ -137,16 +125,6 @@ class EvalConfig:
     linear_batch_size: int = 256
     linear_weight_decay: float = 0.0
     linear_precomputed: bool = True  # False: the standard protocol with crop/flip augmentation every epoch
-    # semi-supervised fine-tuning (`sepp eval finetune`, SimCLR's protocol; see sepp.eval.finetune)
-    label_fraction: float = 0.1  # class-balanced fraction of the labelled training split (seeded by `seed`)
-    label_list: Optional[str] = None  # ImageNet: SimCLR's 1percent.txt / 10percent.txt (one file name a line)
-    finetune_epochs: int = 0  # 0: the protocol's (60 for <= 1 % of the labels, else 30)
-    finetune_lr: float = 0.0  # per 256 images; 0: the dataset's documented value (sepp.eval.finetune.RECIPES)
-    finetune_batch_size: int = 256
-    finetune_max_steps: int = 0  # > 0: stop after this many optimizer steps (smoke tests)
-    # `sepp eval embed-plot`
-    embed_algorithm: str = "auto"  # auto (umap-learn if installed, else scikit-learn's t-SNE) | umap | tsne
-    embed_points: int = 5000  # class-balanced sample of the evaluation split that is drawn
 
 
 @dataclass
@@ -187,41 +165,12 @@ class RunConfig:
     sepp_epochs: int = 0  # SePP training epochs (0: train.epochs)
     init: str = "scratch"  # scratch | baseline: the SePP model starts from random weights or phase 1
     budget: str = "steps"  # steps | epochs: how the comparison baseline is matched to the SePP model
-    # evaluations of every arm: knn, linear, finetune (eval.label_fraction), transfer (transfer.data),
-    # embed_plot (one picture of the first seed's arms side by side)
+    # evaluations of every arm (knn, linear)
     evals: list[str] = field(default_factory=lambda: ["knn", "linear"])
     seeds: list[int] = field(default_factory=list)  # repeat the compared arms over these seeds ([]: [seed])
     # when the SePP arm forwards more views per step (sepp.mode=multi), also train the compute-matched
     # control: the baseline with as many views of the image itself
     control: bool = True
-
-
-@dataclass
-class TransferDataConfig:
-    """Target dataset of `sepp eval transfer` (keys mean what they mean under data)."""
-
-    name: str = "cifar100"
-    root: Optional[str] = None  # default: data.root
-    split: str = "train"
-    eval_split: Optional[str] = None  # None: test (val for imagenet / imagenette)
-    subset: int = 0
-    eval_subset: int = 0
-    image_size: int = 0  # 0: the checkpoint's data.image_size (the resolution the encoder was trained at)
-
-
-@dataclass
-class TransferConfig:
-    """Linear transfer (Ericsson et al. 2021): L2-regularised multinomial logistic regression on frozen
-    features; C (sklearn's inverse penalty) chosen on a held-out part of the training split, then refit on
-    all of it. Grid as theirs: C = 1 / wd for wd in logspace(-6, 5, 45)."""
-
-    data: TransferDataConfig = field(default_factory=TransferDataConfig)
-    val_fraction: float = 0.2  # random held-out part of the training split (seeded by `seed`)
-    c_min: float = 1.0e-5
-    c_max: float = 1.0e6
-    c_steps: int = 45
-    max_iter: int = 1000  # L-BFGS iterations per fit
-    metric: str = "auto"  # auto (the dataset's convention) | top1 | mean_per_class
 
 
 @dataclass
@@ -236,20 +185,15 @@ class Config:
     simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     byol: BYOLConfig = field(default_factory=BYOLConfig)
-    nnclr: NNCLRConfig = field(default_factory=NNCLRConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mine: MineConfig = field(default_factory=MineConfig)
     sepp: SeppConfig = field(default_factory=SeppConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    transfer: TransferConfig = field(default_factory=TransferConfig)
 
 
 CHOICES: dict[str, tuple[Any, ...]] = {
-    "method": ("mocov2", "simsiam", "simclr", "byol", "nnclr"),
-    "transfer.data.name": ("cifar10", "cifar100", "stl10", "imagenet", "imagenette", "imagefolder"),
-    "transfer.metric": ("auto", "top1", "mean_per_class"),
-    "eval.embed_algorithm": ("auto", "umap", "tsne"),
+    "method": ("mocov2", "simsiam", "simclr", "byol"),
     "device": ("auto", "cpu", "cuda"),
     "data.name": ("cifar10", "cifar100", "stl10", "imagenet", "imagenette", "imagefolder"),
     "data.pipeline": ("auto", "device", "loader"),
@@ -386,7 +330,7 @@ def validate(cfg: DictConfig) -> None:
                         "keep rank_from <= k")
 
 
-RUN_EVALS = ("knn", "linear", "finetune", "transfer", "embed_plot")  # what `sepp run` can evaluate
+RUN_EVALS = ("knn", "linear")  # what `sepp run` can evaluate
 NEGATIVE_METHODS = ("mocov2", "simclr")  # methods whose loss has negatives that sepp.mask_negatives can mask
 
 

@@ -146,8 +146,6 @@ def run_experiment(cfg: DictConfig, progress: bool = True) -> dict:
         labels = {"sepp": "SePP", "baseline": "baseline", "control": "control (extra views)"}
         plot_curves({labels[n]: [Path(e["dir"]) / "metrics.csv" for e in runs] for n, runs in arms.items()},
                     out / "curves.png")
-        results["embed_plot"] = _embed_pictures(cfg, arms, out)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
         write_report(out, results, stats, cfg)
     dist_utils.barrier()
     return results
@@ -243,7 +241,7 @@ def pair_cosine(backbone, cfg: DictConfig, pairs_path: Path, seed: int = 0) -> d
 
 
 def _evaluate(ckpt: Path, cfg: DictConfig, pairs_path: Path | None = None) -> dict:
-    """The run's evaluations (``run.evals`` but embed_plot) of one trained arm, cached in ``eval.json``."""
+    """The run's evaluations (``run.evals``) of one trained arm, cached in ``eval.json``."""
     path = ckpt.parent / "eval.json"
     wanted = [e for e in cfg.run.evals if e in SCORES]
     if path.exists():
@@ -263,33 +261,11 @@ def _evaluate(ckpt: Path, cfg: DictConfig, pairs_path: Path | None = None) -> di
             result["knn_top1"] = knn_from_method(method, ecfg)
         if "linear" in wanted:
             result["linear_top1"] = linear_from_method(method, ecfg)["top1"]
-        if "finetune" in wanted:
-            from ..eval.finetune import finetune_checkpoint
-
-            result["finetune_top1"] = finetune_checkpoint(str(ckpt), overrides, out=str(ckpt.parent / "finetune.json"))[
-                "finetune_top1"]
-        if "transfer" in wanted:
-            from ..eval.transfer import transfer_checkpoint
-
-            result["transfer_score"] = transfer_checkpoint(str(ckpt), overrides, out=str(ckpt.parent / "transfer.json"))[
-                "transfer_score"]
         if pairs_path is not None and pairs_path.exists():
             result["pair_cosine"] = pair_cosine(method.backbone, ecfg, pairs_path)
         result["seconds"] = time.time() - t0
         path.write_text(json.dumps(result, indent=2))
     return dist_utils.broadcast_object(result)
-
-
-def _embed_pictures(cfg: DictConfig, arms: dict, out: Path) -> str | None:
-    """``embed.png``: 2-D embeddings of the evaluation split, the first seed's arms side by side."""
-    if "embed_plot" not in cfg.run.evals or not dist_utils.is_main():
-        return None
-    from ..eval.embed_plot import embed_plot_checkpoints
-
-    labels = {"baseline": "baseline", "control": "control", "sepp": "SePP"}
-    ckpts = {labels[n]: str(Path(runs[0]["dir"]) / "last.pt") for n, runs in arms.items()}
-    embed_plot_checkpoints(ckpts, [f"device={cfg.device}", f"data.root={cfg.data.root}"], out=str(out / "embed.png"))
-    return "embed.png"
 
 
 def mine_checkpoint(checkpoint: str, cfg: DictConfig, out_dir: Path) -> dict:

@@ -55,8 +55,6 @@ def write_report(out: Path, results: dict, stats: dict, cfg) -> Path:
         lines.append(f"**SePP − {other}** (paired by seed, {n} seed(s)): " + ", ".join(
             f"{SCORE_LABELS[m].split(' (')[0]} {format_difference(v, ' points')}" for m, v in d.items()) + ".")
         lines.append("")
-    if results.get("embed_plot"):
-        lines += [f"![2-D embedding of the evaluation split, arms side by side]({results['embed_plot']})", ""]
     cosines = [(label, results[n]) for n, label in ARMS if n in results and results[n].get("pair_cosine") is not None]
     if cosines:
         lines += ["How close the pairs are for each trained model (mean cosine of backbone features over the pairs; "
