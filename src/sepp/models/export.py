@@ -3,7 +3,8 @@
 The file holds only tensors, keyed exactly like ``torchvision.models.resnetXX()`` without its ``fc`` layer,
 so it loads with ``strict=True`` into the model that ``sepp.models.backbones.torchvision_resnet`` returns (a
 torchvision ResNet with ``fc = Identity`` and, for CIFAR-stem runs, the 3x3 stem). A JSON sidecar records the
-architecture and the source checkpoint.
+architecture and the source checkpoint. ``format="detectron2"`` writes the pickle of the MoCo detection code
+instead (:mod:`sepp.models.detectron2`).
 """
 from __future__ import annotations
 
@@ -13,16 +14,34 @@ from pathlib import Path
 import torch
 
 from ..engine.checkpoint import atomic_save, file_hash, load_trained
+from ..errors import SeppError
+
+FORMATS = ("torchvision", "detectron2")
 
 
-def export_backbone(checkpoint: str, out: str) -> dict:
+def export_backbone(checkpoint: str, out: str, format: str = "torchvision") -> dict:
+    """Write the backbone of a sepp checkpoint to ``out`` plus a JSON sidecar ``out.json``.
+
+    ``format``: ``torchvision`` (a ``state_dict`` for ``torch.load``) or ``detectron2`` (the pickle of the
+    MoCo detection code, see :mod:`sepp.models.detectron2`; the sidecar then holds the config keys to use)."""
+    if format not in FORMATS:
+        raise SeppError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     method, cfg, ckpt = load_trained(checkpoint, ["device=cpu"])
     state = {k: v.detach().clone() for k, v in method.backbone.state_dict().items()}
-    atomic_save(state, out)
     info = {"arch": cfg.model.backbone, "cifar_stem": bool(cfg.model.cifar_stem), "method": cfg.method,
             "epoch": ckpt["epoch"], "source": str(checkpoint), "source_sha256": file_hash(checkpoint),
-            "load": "m = sepp.models.backbones.torchvision_resnet(arch, cifar_stem); "
-                    "m.load_state_dict(torch.load(file), strict=True)"}
+            "format": format}
+    if format == "detectron2":
+        from . import detectron2 as d2
+
+        d2.check_exportable(info["arch"], info["cifar_stem"])
+        d2.write_detectron2(state, out)
+        info.update(detectron2_config=d2.DETECTRON2_CONFIG,
+                    detectron2_yaml=d2.config_snippet(info["arch"], str(out)))
+    else:
+        atomic_save(state, out)
+        info["load"] = ("m = sepp.models.backbones.torchvision_resnet(arch, cifar_stem); "
+                        "m.load_state_dict(torch.load(file), strict=True)")
     Path(str(out) + ".json").write_text(json.dumps(info, indent=2))
     return info
 
@@ -33,5 +52,14 @@ def load_exported(path: str) -> torch.nn.Module:
 
     info = json.loads(Path(str(path) + ".json").read_text())
     model = torchvision_resnet(info["arch"], info["cifar_stem"])
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    if info.get("format") == "detectron2":
+        import pickle
+
+        from .detectron2 import from_detectron2
+
+        with open(path, "rb") as f:
+            state = from_detectron2(pickle.load(f))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
     return model
