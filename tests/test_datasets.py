@@ -15,9 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from sepp.data import datasets
 from sepp.data.datasets import ArrayDataset, build_dataset, subset_indices
-from sepp.errors import SeppError
+from sepp.errors import SeppError, reset_warnings
 
 
 def _unpickle(path: Path) -> dict:
@@ -26,7 +25,7 @@ def _unpickle(path: Path) -> dict:
 
 
 def _build_recording(cfg, split=None):
-    datasets._WARNED.clear()  # the md5 warning is issued once per process; each test sees its own
+    reset_warnings()  # the md5 warning is issued once per process; each test sees its own
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ds = build_dataset(cfg, split=split)

@@ -11,7 +11,6 @@ import copy
 import hashlib
 from abc import ABC, abstractmethod
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +20,7 @@ from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100, STL10, ImageFolder
 from torchvision.datasets.folder import pil_loader
 
-from sepp.errors import SeppError
+from sepp.errors import SeppError, warn_once
 
 DATASETS = ("cifar10", "cifar100", "stl10", "imagenet", "imagenette", "imagefolder")
 SPLITS: dict[str, tuple[str, ...] | None] = {
@@ -297,16 +296,11 @@ def _md5(path: str) -> str:
     return _MD5_CACHE[key]
 
 
-_WARNED: set = set()
-
-
 def _warn_if_modified(folder: Path, files) -> None:
     changed = [f for f, md5 in files if md5 is not None and _md5(str(folder / f)) != md5]
-    key = (os.path.abspath(folder), tuple(changed))
-    if changed and key not in _WARNED:  # once per process and file set, not on every build
-        _WARNED.add(key)
-        warnings.warn(f"{folder}: md5 of {', '.join(changed)} does not match the official release "
-                      f"(a modified copy?); loading anyway", UserWarning, stacklevel=4)
+    if changed:  # once per process and folder, not on every build or split
+        warn_once(f"{folder}: md5 of {', '.join(changed)} does not match the official release "
+                  f"(a modified copy?); loading anyway", key=("modified", os.path.abspath(folder)))
 
 
 def _load_in_memory(name: str, root: Path, split: str, download: bool):

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from sepp.errors import SeppError
+from sepp.fileio import require_shared_dir
 from sepp.eval.features import iter_features
 
 # Rows per all_gather call: bounds the communication buffer (65536 x 2048 x 4 B = 512 MiB per rank).
@@ -116,6 +117,8 @@ def embed(encoder: nn.Module, data: Dataset | Tensor, device: str | torch.device
 
 
 def _open_shared_memmap(path: Path, n: int, dim: int, rank: int, world: int) -> np.memmap:
+    if world > 1:  # every rank writes its rows into this one file
+        require_shared_dir(path.parent, "the mining folder (embeddings.npy)")
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
