@@ -7,8 +7,8 @@ Values follow the original papers / official repositories:
 - SimSiam (Chen & He 2021, facebookresearch/simsiam): as MoCo-v2.
 - SimCLR (Chen et al. 2020): crop 0.08-1, jitter 0.8*s with s=1 (0.8/0.8/0.8/0.2) p=0.8, grayscale p=0.2,
   blur p=0.5 on ImageNet only.
-- BYOL (Grill et al. 2020): asymmetric: view 1 blur p=1.0 solarize p=0; view 2 blur p=0.1 solarize p=0.2;
-  jitter 0.4/0.4/0.2/0.1 p=0.8, grayscale p=0.2, crop 0.08-1.
+- BYOL (Grill et al. 2020), also NNCLR's (Dwibedi et al. 2021): asymmetric: view 1 blur p=1.0 solarize p=0;
+  view 2 blur p=0.1 solarize p=0.2; jitter 0.4/0.4/0.2/0.1 p=0.8, grayscale p=0.2, crop 0.08-1.
 CIFAR-size variants (images <= 64 px) drop Gaussian blur, as the SimCLR paper's CIFAR experiments and
 solo-learn's CIFAR configs do, and use crop scale 0.08-1 for every method (as solo-learn does for CIFAR).
 """
@@ -58,7 +58,7 @@ class ViewSpec:
         return k + 1 if k % 2 == 0 else k
 
 
-RECIPES = ("mocov2", "simsiam", "simclr", "byol")
+RECIPES = ("mocov2", "simsiam", "simclr", "byol", "nnclr")
 
 
 def view_specs(recipe: str, size: int, dataset: str = "imagenet") -> tuple[ViewSpec, ViewSpec]:
@@ -73,7 +73,7 @@ def view_specs(recipe: str, size: int, dataset: str = "imagenet") -> tuple[ViewS
         v = replace(base, crop_scale=(0.08, 1.0), brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
                     blur_p=0.0 if small else 0.5)
         return v, v
-    if recipe == "byol":
+    if recipe in ("byol", "nnclr"):  # NNCLR trains with BYOL's augmentations (as its paper)
         v = replace(base, crop_scale=(0.08, 1.0), brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
         v1 = replace(v, blur_p=0.0 if small else 1.0, solarize_p=0.0)
         v2 = replace(v, blur_p=0.0 if small else 0.1, solarize_p=0.2)

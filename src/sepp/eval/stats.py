@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 
 # the per-arm scores of `sepp run`: evaluation name (run.evals) -> (result key, label)
-SCORES = {"knn": ("knn_top1", "kNN top-1"), "linear": ("linear_top1", "linear top-1")}
+SCORES = {"knn": ("knn_top1", "kNN top-1"), "linear": ("linear_top1", "linear top-1"),
+          "finetune": ("finetune_top1", "fine-tune top-1"), "transfer": ("transfer_score", "transfer")}
 
 # two-sided 95 % quantiles t(0.975, df) of Student's t for df = 1..30; the normal 1.96 beyond
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,

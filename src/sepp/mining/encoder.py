@@ -1,0 +1,144 @@
+"""Mining with any encoder file (`sepp mine --encoder FILE`): a sepp checkpoint, a `sepp export` output (its
+JSON sidecar names the architecture) or a torchvision ResNet ``state_dict`` (architecture from ``arch`` /
+``cifar_stem``, else read off the keys and the stem's kernel). Features, search and pair files are those of
+``sepp mine --checkpoint``; the pair file's meta records the encoder file's SHA-256 either way.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sepp.errors import SeppError
+
+
+def infer_arch(state: dict) -> tuple[str, bool]:
+    """``(arch, cifar_stem)`` of a torchvision ResNet ``state_dict``: the 3x3 stem marks the CIFAR stem, 16
+    stem channels the narrow ResNet-18, ``conv3`` in a block the bottleneck (ResNet-50), 6 blocks in
+    ``layer3`` ResNet-34."""
+    conv1 = state.get("conv1.weight")
+    if conv1 is None or conv1.dim() != 4:
+        raise SeppError("the encoder file has no 'conv1.weight'; it is not a torchvision ResNet state_dict "
+                        "(pass a sepp checkpoint, a `sepp export` output or a ResNet state_dict)")
+    cifar_stem = conv1.shape[-1] == 3
+    blocks3 = {int(m.group(1)) for k in state for m in [re.match(r"layer3\.(\d+)\.", k)] if m}
+    if "layer1.0.conv3.weight" in state:
+        return "resnet50", cifar_stem
+    if conv1.shape[0] == 16:
+        return "resnet18_narrow", cifar_stem
+    return ("resnet34" if len(blocks3) == 6 else "resnet18"), cifar_stem
+
+
+def _read(path: Path):
+    """The file's object: plain tensors load with ``weights_only``; a sepp checkpoint (numpy pair arrays) is
+    read by :func:`sepp.engine.checkpoint.load_checkpoint`, which checks its marker."""
+    from sepp.engine.checkpoint import load_checkpoint
+
+    if not path.is_file():
+        raise SeppError(f"encoder file {path} does not exist; pass a sepp checkpoint, export or state_dict")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        pass
+    try:
+        return load_checkpoint(path)
+    except SeppError:
+        raise SeppError(f"{path} is neither a sepp checkpoint nor a torch file of tensors (a state_dict); "
+                        "pass a sepp checkpoint, a `sepp export` output or a torchvision ResNet state_dict") from None
+
+
+def is_sepp_checkpoint(path) -> bool:
+    from sepp.engine.checkpoint import FORMAT
+
+    obj = _read(Path(path))
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def encoder_config(path, config: str | None = None, overrides=()):
+    """The resolved config to mine with: a sepp checkpoint's own (as `sepp mine --checkpoint`), otherwise
+    ``config`` (a YAML file or shipped name; default: the schema defaults, i.e. CIFAR-10), then overrides."""
+    from sepp.config import load_config, resolve
+    from sepp.engine.checkpoint import config_from_checkpoint, load_checkpoint
+
+    if config is None and is_sepp_checkpoint(path):
+        return config_from_checkpoint(load_checkpoint(path), overrides)
+    return resolve(load_config(config, list(overrides)))
+
+
+def _state_dict(obj) -> dict:
+    from sepp.engine.checkpoint import clean_state_dict
+
+    for key in ("state_dict", "model"):  # common wrappers
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SeppError("the encoder file holds no state_dict of tensors; pass a sepp checkpoint, a "
+                        "`sepp export` output or a torchvision ResNet state_dict")
+    return {k: v for k, v in clean_state_dict(obj).items() if not k.startswith("fc.")}
+
+
+def load_encoder(path, arch: str | None = None, cifar_stem: bool | None = None,
+                 features: str = "backbone") -> tuple[nn.Module, dict]:
+    """``(encoder on the CPU in eval mode, info)`` from an encoder file; ``info`` holds ``kind``
+    (checkpoint | export | state_dict), ``arch``, ``cifar_stem`` and, for sepp checkpoints, ``method``,
+    ``epoch`` and ``config``. ``features="projector"`` (backbone + projection head) needs a sepp checkpoint."""
+    from sepp.engine.checkpoint import FORMAT, load_trained
+    from sepp.engine.trainer import encoder_for
+    from sepp.models.backbones import torchvision_resnet
+
+    path = Path(path)
+    obj = _read(path)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        method, cfg, ckpt = load_trained(path, ["device=cpu"])
+        info = {"kind": "checkpoint", "arch": cfg.model.backbone, "cifar_stem": bool(cfg.model.cifar_stem),
+                "method": cfg.method, "epoch": ckpt["epoch"], "config": ckpt["config"]}
+        return encoder_for(method, features).eval(), info
+    if features != "backbone":
+        raise SeppError(f"mine.features={features} needs the projection head, which only a sepp checkpoint "
+                        "holds; use mine.features=backbone with exports and state_dicts")
+    state = _state_dict(obj)
+    sidecar = Path(str(path) + ".json")
+    kind, guess = "state_dict", infer_arch(state)
+    if sidecar.is_file():
+        side = json.loads(sidecar.read_text())
+        kind, guess = "export", (side.get("arch", guess[0]), bool(side.get("cifar_stem", guess[1])))
+    arch = arch or guess[0]
+    cifar_stem = guess[1] if cifar_stem is None else bool(cifar_stem)
+    model = torchvision_resnet(arch, cifar_stem)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:  # load_state_dict would raise a page-long RuntimeError on shapes
+        what = (f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}" if unexpected else
+                f"{wrong[0]!r} is {list(state[wrong[0]].shape)}, not {list(expected[wrong[0]].shape)}")
+        raise SeppError(f"the state_dict does not fit {arch} (cifar_stem={cifar_stem}): {what}; "
+                        "pass the right --arch / --cifar-stem")
+    model.load_state_dict(state, strict=True)
+    return model.eval(), {"kind": kind, "arch": arch, "cifar_stem": cifar_stem}
+
+
+def mine_with_encoder(path, cfg, out_dir, arch: str | None = None, cifar_stem: bool | None = None) -> dict:
+    """Mine pairs of ``cfg.data``'s training split with the encoder in ``path`` and ``cfg.mine``'s settings
+    (as ``sepp mine --checkpoint`` does); returns the statistics of :func:`sepp.mining.run.mine_pairs`."""
+    from sepp.data.datasets import build_dataset
+    from sepp.data.transforms import eval_transform
+    from sepp.engine.checkpoint import file_hash
+    from sepp.engine.trainer import mine_kwargs
+    from sepp.mining.run import mine_pairs
+
+    if str(cfg.mine.get("oracle", "none")) != "none":
+        raise SeppError("mine.oracle builds diagnostic pairs through `sepp mine --checkpoint`; drop mine.oracle "
+                        "or use --checkpoint")
+    encoder, info = load_encoder(path, arch, cifar_stem, cfg.mine.features)
+    device = torch.device(cfg.device)
+    dataset = build_dataset(cfg.data, split=cfg.data.split,
+                            transform=eval_transform(cfg.data.image_size, cfg.data.name))
+    meta = {"encoder_checkpoint": str(path), "encoder_sha256": file_hash(path), "encoder_kind": info["kind"],
+            "encoder_arch": info["arch"], "encoder_cifar_stem": info["cifar_stem"],
+            "encoder_method": info.get("method"), "encoder_epoch": info.get("epoch"),
+            "features": cfg.mine.features}
+    return mine_pairs(encoder.to(device), dataset, **mine_kwargs(cfg, device), out_dir=out_dir, meta=meta)
