@@ -1,8 +1,18 @@
 """Optimizers and the learning-rate schedule.
 
-LARS follows the form used by SimCLR/BYOL (and solo-learn): SGD with momentum whose per-layer step is
-scaled by ``eta * ||w|| / (||g|| + wd * ||w||)``; biases and normalisation parameters get neither weight decay
-nor the adaptation. PyTorch has no LARS, so it is written here with foreach ops (no per-parameter host syncs).
+LARS (You et al. 2017, Eq. 6) in solo-learn's form (``solo/utils/lars.py``): SGD with momentum whose per-layer
+step is scaled by a trust ratio ``trust = ||w|| / (||g|| + wd * ||w|| + eps)`` (SimCLR's and BYOL's TF/JAX code
+divide by ``||g + wd * w||`` instead; the two agree when g and w are orthogonal-ish and differ slightly else). For every adapted layer the update
+direction is ``d = s * (g + wd * w)``, ``v = momentum * v + d``, ``w -= lr * v``, where ``s`` is
+
+- ``clip_lr=False`` (plain LARS, as in SimCLR/BYOL): ``s = eta * trust``, i.e. a per-layer rate
+  ``lr * eta * trust``;
+- ``clip_lr=True`` (solo-learn's ``clip_lr``, used by its CIFAR SimCLR/BYOL recipes): ``s = min(eta * trust /
+  lr, 1)``, i.e. the per-layer rate ``min(eta * trust, lr)``: LARS may only lower the global rate.
+
+A layer whose weight or gradient norm is zero is neither adapted nor decayed (``d = g``), as in solo-learn.
+Biases and normalisation parameters (excluded groups) get neither weight decay nor the adaptation. PyTorch has
+no LARS, so it is written here with foreach ops and tensor-valued ratios (no per-parameter host syncs).
 """
 from __future__ import annotations
 
@@ -14,9 +24,11 @@ from torch import nn
 
 class LARS(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 eta: float = 0.02, exclude: bool = False):
+                 eta: float = 0.001, clip_lr: bool = False, eps: float = 1e-8, exclude: bool = False):
+        """Defaults: plain LARS as SimCLR/BYOL run it on ImageNet (eta 0.001, no clipping); ``build_optimizer`` passes
+        ``train.lars_eta`` / ``train.lars_clip_lr`` (the shipped CIFAR configs: solo-learn's 0.02 / true)."""
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                                      exclude=exclude))
+                                      clip_lr=clip_lr, eps=eps, exclude=exclude))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -27,14 +39,16 @@ class LARS(torch.optim.Optimizer):
                 continue
             grads = [p.grad for p in params]
             if not group["exclude"]:
-                wd = group["weight_decay"]
+                wd, eta, lr = group["weight_decay"], group["eta"], group["lr"]
                 p_norm = torch._foreach_norm(params)
                 g_norm = torch._foreach_norm(grads)
                 for p, g, pn, gn in zip(params, grads, p_norm, g_norm):
-                    # trust ratio as a tensor: no .item(), no sync
-                    ratio = torch.where((pn > 0) & (gn > 0), group["eta"] * pn / (gn + wd * pn),
-                                        torch.ones_like(pn))
-                    g.add_(p, alpha=wd).mul_(ratio)
+                    scale = eta * pn / (gn + wd * pn + group["eps"])
+                    if group["clip_lr"]:
+                        scale = torch.clamp(scale / lr, max=1.0) if lr > 0 else torch.ones_like(scale)
+                    adapt = (pn > 0) & (gn > 0)
+                    # adapted layers: (g + wd w) * scale; zero-norm layers: g unchanged
+                    g.copy_(torch.where(adapt, (g + wd * p) * scale, g))
             bufs = []
             for p in params:
                 state = self.state[p]
@@ -75,7 +89,8 @@ def build_optimizer(method: nn.Module, train_cfg, lr: float) -> torch.optim.Opti
             lars_groups.append({**keep, "params": plain, "weight_decay": 0.0, "exclude": True})
     for g in lars_groups:
         g.setdefault("lr", lr)
-    return LARS(lars_groups, lr=lr, momentum=train_cfg.momentum, weight_decay=wd)
+    return LARS(lars_groups, lr=lr, momentum=train_cfg.momentum, weight_decay=wd,
+                eta=getattr(train_cfg, "lars_eta", 0.001), clip_lr=getattr(train_cfg, "lars_clip_lr", False))
 
 
 def schedule_steps(epochs: int, steps_per_epoch: int, max_steps: int, warmup_epochs: float,

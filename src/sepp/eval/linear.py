@@ -1,6 +1,17 @@
 """Linear probe on a frozen backbone.
 
-Two protocols:
+``eval.linear_protocol`` picks one of two named protocols (``linear_probe`` dispatches):
+
+- ``standard``: the MoCo / SimSiam linear evaluation (facebookresearch/moco ``main_lincls.py``, used for the
+  published MoCo-v2 / SimSiam / solo-learn-style comparisons): frozen backbone in eval mode, a plain linear
+  head (no BN) on the raw pooled features, initialised N(0, 0.01), SGD momentum 0.9, lr 30, batch 256, no weight
+  decay, 100 epochs, random-resized-crop + flip on the training images every epoch, un-augmented test images.
+  Schedule: ImageNet-style folders (imagenet, imagenette, imagefolder) lr x0.1 at epochs 60 and 80 (main_lincls
+  default); CIFAR / STL-10 a per-step cosine (main_lincls ``--cos``, what CIFAR reproductions use). Fixed by
+  name: the ``eval.linear_*`` keys do not change it. Default in configs/experiments/* and imagenet_*.yaml.
+- ``fast`` (the schema default, for CPU runs and the demo): the ``eval.linear_*`` keys below.
+
+The fast protocol's two forms:
 - ``train_linear``: on precomputed (un-augmented) features. Features are standardised with the training set's
   per-dimension mean/std, i.e. a non-affine BatchNorm with population statistics in front of the linear layer
   (MAE's linear probe puts ``BatchNorm1d(affine=False)`` there). Fast: an epoch is a few matmuls.
@@ -36,6 +47,18 @@ from sepp.eval.features import features_of, labels_of
 
 BASE_LR = 0.01  # per 256 samples in a batch
 
+# the standard (MoCo / SimSiam) protocol
+STANDARD = {"lr": 30.0, "epochs": 100, "batch_size": 256, "weight_decay": 0.0}
+STEP_SCHEDULE_DATASETS = ("imagenet", "imagenette", "imagefolder")  # main_lincls: x0.1 at 60 and 80
+STANDARD_MILESTONES = (60, 80)
+
+
+def standard_protocol(dataset: str) -> dict:
+    """Settings of the standard protocol on ``dataset`` (``data.name``): keyword arguments of
+    ``train_linear_augmented``."""
+    milestones = STANDARD_MILESTONES if dataset in STEP_SCHEDULE_DATASETS else None
+    return {**STANDARD, "milestones": milestones, "head_bn": False}
+
 
 def default_lr(batch_size: int) -> float:
     return BASE_LR * batch_size / 256
@@ -43,6 +66,14 @@ def default_lr(batch_size: int) -> float:
 
 def _cosine(step: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+
+def _factor(step: int, total: int, steps_per_epoch: int, milestones) -> float:
+    """Learning-rate factor at ``step``: per-step cosine, or x0.1 per milestone epoch passed."""
+    if milestones is None:
+        return _cosine(step, total)
+    epoch = step // max(steps_per_epoch, 1)
+    return 0.1 ** sum(epoch >= m for m in milestones)
 
 
 def _head(dim: int, num_classes: int, generator: torch.Generator) -> nn.Linear:
@@ -153,10 +184,14 @@ def train_linear_augmented(
     amp: bool = True,
     normalize: Callable | None = None,
     eval_batch_size: int = 512,
+    head_bn: bool = True,
+    milestones: tuple | None = None,
 ) -> dict:
-    """Standard-protocol linear probe: ``train_dataset`` must already apply the random-resized-crop + flip
+    """Linear probe on augmented images: ``train_dataset`` must already apply the random-resized-crop + flip
     training transform; ``test_data`` is an eval-transformed dataset or an ``(uint8 images, labels)`` pair
-    used with ``normalize``. Same return dict as ``train_linear``. The backbone is frozen and kept in eval
+    used with ``normalize``. ``head_bn``: a ``BatchNorm1d(affine=False)`` in front of the linear layer (the
+    fast form; the standard protocol has none); ``milestones``: lr x0.1 at these epochs instead of the per-step
+    cosine. Same return dict as ``train_linear``. The backbone is frozen and kept in eval
     mode (its mode is restored afterwards). Deterministic given ``seed`` on the CPU with any ``workers``."""
     if epochs < 1 or batch_size < 1:
         raise SeppError(f"linear probe needs epochs >= 1 and batch_size >= 1, got {epochs}, {batch_size}")
@@ -200,12 +235,12 @@ def train_linear_augmented(
                             f = backbone(x)
                         f = f.flatten(1).float()
                     if head is None:
-                        head = nn.Sequential(nn.BatchNorm1d(f.shape[1], affine=False),
-                                             _head(f.shape[1], num_classes, g)).to(device)
+                        layers = [nn.BatchNorm1d(f.shape[1], affine=False)] if head_bn else []
+                        head = nn.Sequential(*layers, _head(f.shape[1], num_classes, g)).to(device)
                         opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9,
                                               weight_decay=weight_decay)
                     for group in opt.param_groups:
-                        group["lr"] = lr * _cosine(step, total)
+                        group["lr"] = lr * _factor(step, total, len(loader), milestones)
                     loss = F.cross_entropy(head(f), y)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -219,3 +254,30 @@ def train_linear_augmented(
     head.eval()
     result = accuracy(head, test_feats, test_labels, num_classes, device)
     return {**result, "losses": losses, "lr": lr, "epochs": epochs}
+
+
+def linear_probe(backbone: nn.Module, cfg, train, test, device, features: Callable) -> dict:
+    """The linear evaluation ``cfg.eval.linear_protocol`` names, on labelled datasets ``train`` / ``test``
+    (eval-transformed; ``features(backbone, ds)`` embeds one). Returns ``train_linear``'s dict plus
+    ``protocol``."""
+    from sepp.data.transforms import linear_train_transform
+
+    keep = torch.as_tensor(train.labels >= 0)
+    ytr = torch.as_tensor(train.labels)[keep]
+    yte = torch.as_tensor(test.labels)
+    num_classes = len(train.classes)
+    protocol = cfg.eval.get("linear_protocol", "fast")
+    if protocol == "standard":
+        aug = train.with_transform(linear_train_transform(cfg.data.image_size, cfg.data.name))
+        res = train_linear_augmented(backbone, aug, test, num_classes=num_classes, device=device, seed=cfg.seed,
+                                     workers=int(cfg.data.workers), **standard_protocol(cfg.data.name))
+        return {**res, "protocol": protocol}
+    common = dict(num_classes=num_classes, epochs=cfg.eval.linear_epochs,
+                  lr=cfg.eval.linear_lr * cfg.eval.linear_batch_size / 256, batch_size=cfg.eval.linear_batch_size,
+                  weight_decay=cfg.eval.linear_weight_decay, device=device, seed=cfg.seed)
+    if cfg.eval.linear_precomputed:
+        res = train_linear(features(backbone, train)[keep], ytr, features(backbone, test), yte, **common)
+    else:
+        aug = train.with_transform(linear_train_transform(cfg.data.image_size, cfg.data.name))
+        res = train_linear_augmented(backbone, aug, test, **common)
+    return {**res, "protocol": protocol}

@@ -29,26 +29,14 @@ def knn_from_method(method, cfg) -> float:
 
 
 def linear_from_method(method, cfg) -> dict:
+    """The linear probe of ``eval.linear_protocol`` (standard | fast; see sepp.eval.linear)."""
     from ..engine.trainer import features
-    from ..eval.linear import train_linear, train_linear_augmented
+    from ..eval.linear import linear_probe
 
     device = torch.device(cfg.device)
     train, test = _splits(cfg)
-    keep = torch.as_tensor(train.labels >= 0)
-    ytr = torch.as_tensor(train.labels)[keep]
-    yte = torch.as_tensor(test.labels)
-    lr = cfg.eval.linear_lr * cfg.eval.linear_batch_size / 256
-    common = dict(num_classes=len(train.classes), epochs=cfg.eval.linear_epochs, lr=lr,
-                  batch_size=cfg.eval.linear_batch_size, weight_decay=cfg.eval.linear_weight_decay,
-                  device=device, seed=cfg.seed)
-    if cfg.eval.linear_precomputed:
-        ftr = features(method.backbone, train, cfg, device)[keep]
-        fte = features(method.backbone, test, cfg, device)
-        return train_linear(ftr, ytr, fte, yte, **common)
-    from ..data.transforms import linear_train_transform
-
-    aug = train.with_transform(linear_train_transform(cfg.data.image_size, cfg.data.name))
-    return train_linear_augmented(method.backbone, aug, test, **common)
+    return linear_probe(method.backbone, cfg, train, test, device,
+                        lambda backbone, ds: features(backbone, ds, cfg, device))
 
 
 def evaluate_checkpoint(kind: str, checkpoint: str, overrides=(), out: str | None = None) -> dict:
@@ -64,7 +52,8 @@ def evaluate_checkpoint(kind: str, checkpoint: str, overrides=(), out: str | Non
     elif kind == "linear":
         res = linear_from_method(method, cfg)
         result.update(linear_top1=res["top1"], linear_top5=res.get("top5"),
-                      precomputed=bool(cfg.eval.linear_precomputed), epochs=cfg.eval.linear_epochs)
+                      protocol=res["protocol"], precomputed=bool(cfg.eval.linear_precomputed),
+                      epochs=res["epochs"])
     else:
         raise SeppError(f"unknown evaluation {kind!r}; choose knn or linear")
     result["seconds"] = time.time() - t0
