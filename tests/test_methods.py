@@ -194,7 +194,8 @@ def config(method, **section):
 SMALL = {"mocov2": {"proj_hidden_dim": 64, "queue_size": 32},
          "simsiam": {"proj_hidden_dim": 64, "proj_dim": 64, "pred_hidden_dim": 16},
          "simclr": {"proj_hidden_dim": 64},
-         "byol": {"proj_hidden_dim": 64, "pred_hidden_dim": 64}}
+         "byol": {"proj_hidden_dim": 64, "pred_hidden_dim": 64},
+         "nnclr": {"proj_hidden_dim": 64, "pred_hidden_dim": 64, "queue_size": 32}}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -224,10 +225,13 @@ def test_simsiam_predictor_has_fixed_lr():
     assert groups["predictor"]["fix_lr"] and not groups["backbone"]["fix_lr"]
 
 
-def test_cifar_defaults_fill_missing_keys_and_yield_to_the_section():
-    model = build_method(config("mocov2", proj_hidden_dim=64, temperature=0.3))
-    assert (model.queue.size, model.temperature, model.momentum, model.symmetric) == (4096, 0.3, 0.99, True)
+def test_missing_or_null_keys_take_the_constructor_defaults_and_yield_to_the_section():
+    # one home for method defaults: the constructor (the paper's ImageNet values), also for CIFAR stems
+    model = build_method(config("mocov2", proj_hidden_dim=64, temperature=0.3, momentum=None))
+    assert (model.queue.size, model.temperature, model.momentum, model.symmetric) == (65536, 0.3, 0.999, False)
     simsiam = build_method(config("simsiam", **SMALL["simsiam"]))
+    assert sum(isinstance(m, nn.Linear) for m in simsiam.projector) == 3
+    simsiam = build_method(config("simsiam", **SMALL["simsiam"], proj_layers=2))
     assert sum(isinstance(m, nn.Linear) for m in simsiam.projector) == 2
 
 

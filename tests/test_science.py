@@ -146,6 +146,50 @@ def test_simclr_mask_never_counts_same_image_or_partner_views_as_negatives():
     assert abs(out["loss"].item() - manual) < 1e-5 and float(out["masked_negatives"]) > 0
 
 
+def test_simclr_batch_positives_count_same_image_and_partner_views_as_positives():
+    torch.manual_seed(1)
+    model = SimCLR(tiny_backbone(), 6, proj_hidden_dim=8, proj_dim=4, temperature=0.5)
+    model.set_known_positives(torch.tensor([0, 2]), torch.tensor([3, 5]), 8, positives=True)
+    ids1, ids2 = torch.tensor([0, 0, 2, 6]), torch.tensor([0, 3, 5, 6])
+    x1, x2 = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    ids = torch.cat([ids1, ids2]).tolist()
+    related = {(0, 3), (3, 0), (2, 5), (5, 2)}
+    with torch.no_grad():
+        z = [F.normalize(model.projector(model.backbone(x)), dim=1) for x in (x1, x2)]
+    rows = torch.cat(z).tolist()
+    manual = 0.0
+    for r in range(8):  # positives: the other view of the sample, and every view of the same image or a partner
+        pos = [c for c in range(8) if c != r and (c % 4 == r % 4 or ids[c] == ids[r] or (ids[r], ids[c]) in related)]
+        denom = lse([dot(rows[r], rows[c]) / 0.5 for c in range(8) if c != r])
+        manual += sum(-dot(rows[r], rows[p]) / 0.5 + denom for p in pos) / len(pos) / 8
+    out = model(x1, x2, ids1, ids2)
+    assert abs(out["loss"].item() - manual) < 1e-5
+    assert float(out["known_positives"]) > 0 and "masked_negatives" not in out
+
+
+def test_info_nce_queue_positives_by_hand():
+    q = torch.tensor([[1.0, 0.0]])
+    k = torch.tensor([[0.6, 0.8]])
+    queue = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    pos = torch.tensor([[True, False, False]])   # queue entry 0 holds a known partner's key
+    # T = 1: positives 0.6 (own key) and 1 (partner key), negatives -1 and 0; all four in the denominator
+    den = lse([0.6, 1.0, -1.0, 0.0])
+    want = ((-0.6 + den) + (-1.0 + den)) / 2
+    assert abs(float(info_nce(q, k, queue, 1.0, pos_mask=pos)) - want) < 1e-6
+    none = torch.zeros_like(pos)
+    assert torch.allclose(info_nce(q, k, queue, 0.3, pos_mask=none), info_nce(q, k, queue, 0.3))
+
+
+def test_batch_positives_arms_without_pairs_only_mask(tmp_path):
+    cfg = load_config("demo", ["sepp.batch_positives=true"])
+    base = _phase_cfg(cfg, tmp_path / "baseline", 1)
+    assert not base.sepp.batch_positives and base.sepp.mask_negatives
+    arm = _phase_cfg(cfg, tmp_path / "sepp", 1, **{"sepp.pairs": "pairs.npz"})
+    assert arm.sepp.batch_positives
+    with pytest.raises(SeppError, match="batch_positives"):
+        load_config("demo", ["method=byol", "sepp.batch_positives=true"])
+
+
 @pytest.mark.parametrize("cls,kw", [(SimCLR, {"proj_hidden_dim": 8, "proj_dim": 4}),
                                     (MoCoV2, {"proj_hidden_dim": 8, "proj_dim": 4, "queue_size": 16, "bn": "none",
                                               "symmetric": True}),

@@ -159,9 +159,10 @@ def test_mask_negatives_sets_known_positives(mined, cifar_root, tmp_path, monkey
         method = real_build(cfg, device, world)
         original = method.set_known_positives
 
-        def record(i, j, n):
+        def record(i, j, n, positives=False):
             seen["args"] = (i.clone(), j.clone(), n)
-            return original(i, j, n)
+            seen["positives"] = positives
+            return original(i, j, n, positives)
 
         method.set_known_positives = record
         return method
@@ -173,6 +174,7 @@ def test_mask_negatives_sets_known_positives(mined, cifar_root, tmp_path, monkey
     pairs = load_pairs(mined / "pairs.npz")
     i, j, n = seen["args"]
     assert n == 200 and torch.equal(i, torch.as_tensor(pairs.i)) and torch.equal(j, torch.as_tensor(pairs.j))
+    assert seen["positives"] is False
 
 
 def test_pair_file_for_another_dataset_is_rejected(mined, cifar_root, tmp_path):

@@ -18,13 +18,25 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import SeppError
+from .errors import SeppError, one_line_warnings
+
+
+def _print_config(args) -> bool:
+    """``--print-config``: print the resolved configuration (what config.yaml would hold) and stop."""
+    if not getattr(args, "print_config", False):
+        return False
+    from .config import load_config, resolve, to_yaml
+
+    print(to_yaml(resolve(load_config(args.config, args.overrides))), end="")
+    return True
 
 
 def _pretrain(args):
     from .config import load_config
     from .engine.trainer import pretrain
 
+    if _print_config(args):
+        return
     summary = pretrain(load_config(args.config, args.overrides))
     knn = summary["knn_top1"]
     if summary["status"] == "paused":
@@ -60,7 +72,8 @@ def _eval_more(args):
         from .eval.embed_plot import embed_plot_checkpoints
 
         checkpoints = {"baseline": args.baseline} if args.baseline else {}
-        checkpoints[Path(args.checkpoint).parent.name or "model"] = args.checkpoint
+        name = Path(args.checkpoint).parent.name or "model"  # e.g. runs/x/sepp/last.pt -> "sepp"
+        checkpoints[name if name not in checkpoints else f"{name}/{Path(args.checkpoint).name}"] = args.checkpoint
         r = embed_plot_checkpoints(checkpoints, args.overrides, out=args.out)
         print(f"wrote {r['path']} ({r['algorithm']}, {len(r['indices'])} images)")
 
@@ -146,9 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = with_overrides(sub.add_parser("pretrain", help="self-supervised pretraining"))
     sp.add_argument("--config", required=True, help="YAML file or shipped config name (e.g. cifar10_mocov2)")
+    sp.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     sp.set_defaults(func=_pretrain)
 
-    sp = with_overrides(sub.add_parser("eval", help="kNN or linear evaluation of a checkpoint"))
+    sp = with_overrides(sub.add_parser("eval", help="kNN, linear, fine-tuning, transfer or embedding picture"))
     sp.add_argument("kind", choices=["knn", "linear", "finetune", "transfer", "embed-plot"])
     sp.add_argument("--checkpoint", required=True)
     sp.add_argument("--out", help="result JSON or PNG (default: next to the checkpoint)")
@@ -188,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    one_line_warnings()  # user-facing output: no Python source lines under warnings, from us or libraries
     parser = build_parser()
     # overrides may come before or after options (`eval knn --checkpoint C key=value`)
     args, extra = parser.parse_known_args(argv)

@@ -1,6 +1,9 @@
 """Configuration: a typed schema (dataclasses) merged with a YAML file and dotted ``key=value`` overrides.
 
-Every key has a default here; YAML files under ``configs/`` set what differs per dataset and method. An
+Every key has a default here except the methods' hyperparameters: their one home is the method's constructor
+(``sepp.methods``, the papers' ImageNet values); a ``null`` in its section means "the constructor's value", and
+``resolve`` writes that value in, so ``config.yaml`` / ``--print-config`` show what runs. YAML files under
+``configs/`` set what differs per dataset and method (each shipped CIFAR config states its method's values). An
 unknown key, a value of the wrong type or a value outside its choices raises one :class:`SeppError` line
 naming the key and what is allowed. ``resolve`` fills the ``auto``/``null`` values that depend on others
 (image size, CIFAR stem, device, data root, workers).
@@ -39,54 +42,69 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet18"
     cifar_stem: Optional[bool] = None  # None: True for images <= 64 px
-    sync_bn: bool = False
+    # SyncBatchNorm under DDP. None: on for simclr/simsiam/byol on CUDA (their papers use global / synchronised
+    # BN; SyncBatchNorm needs a GPU), off for mocov2 (shuffle-BN, mocov2.bn) and on CPU
+    sync_bn: Optional[bool] = None
 
+
+# Method sections: None = the constructor's default (sepp.methods.<name>, the paper's ImageNet value), filled in
+# by `resolve`; the shipped configs/cifar10_<method>.yaml give the CIFAR values with their sources.
 
 @dataclass
 class MoCoV2Config:
-    """MoCo-v2 (Chen et al. 2020). CIFAR values from the official MoCo CIFAR-10 demo; ImageNet ones in
-    configs/imagenet_mocov2.yaml follow the paper (queue 65536, T=0.2, m=0.999)."""
+    """MoCo-v2 (Chen et al. 2020); see sepp.methods.mocov2.MoCoV2 for the defaults."""
 
-    proj_hidden_dim: int = 2048
-    proj_dim: int = 128
-    queue_size: int = 4096
-    momentum: float = 0.99
-    temperature: float = 0.1
-    symmetric: bool = True
-    bn: str = "shuffle"  # shuffle | sync | none: the answer to BN leakage across the key batch
+    proj_hidden_dim: Optional[int] = None
+    proj_dim: Optional[int] = None
+    queue_size: Optional[int] = None
+    momentum: Optional[float] = None
+    temperature: Optional[float] = None
+    symmetric: Optional[bool] = None
+    bn: Optional[str] = None  # shuffle | sync | none: the answer to BN leakage across the key batch
     # one process + bn=shuffle: BN statistics per 1/bn_splits of the batch and shuffled keys (the official
-    # CIFAR demo uses 8); 1 = off: no gain measured in short CPU runs and ~40 % slower there
-    bn_splits: int = 1
+    # CIFAR demo uses 8, and so do the shipped CIFAR MoCo configs); 1 = off
+    bn_splits: Optional[int] = None
 
 
 @dataclass
 class SimSiamConfig:
-    """SimSiam (Chen & He 2021): 2-layer projector on CIFAR, 3 on ImageNet; predictor 2048-512-2048."""
+    """SimSiam (Chen & He 2021); see sepp.methods.simsiam.SimSiam for the defaults."""
 
-    proj_hidden_dim: int = 2048
-    proj_dim: int = 2048
-    proj_layers: int = 2
-    pred_hidden_dim: int = 512
-    fix_pred_lr: bool = True
+    proj_hidden_dim: Optional[int] = None
+    proj_dim: Optional[int] = None
+    proj_layers: Optional[int] = None
+    pred_hidden_dim: Optional[int] = None
+    fix_pred_lr: Optional[bool] = None
 
 
 @dataclass
 class SimCLRConfig:
-    """SimCLR (Chen et al. 2020); CIFAR temperature 0.2 as in solo-learn's CIFAR config."""
+    """SimCLR (Chen et al. 2020); see sepp.methods.simclr.SimCLR for the defaults."""
 
-    proj_hidden_dim: int = 2048
-    proj_dim: int = 128
-    temperature: float = 0.2
+    proj_hidden_dim: Optional[int] = None
+    proj_dim: Optional[int] = None
+    temperature: Optional[float] = None
 
 
 @dataclass
 class BYOLConfig:
-    """BYOL (Grill et al. 2020); tau_base 0.99 on CIFAR (solo-learn), 0.996 on ImageNet (paper)."""
+    """BYOL (Grill et al. 2020); see sepp.methods.byol.BYOL for the defaults."""
 
-    proj_hidden_dim: int = 4096
-    proj_dim: int = 256
-    pred_hidden_dim: int = 4096
-    tau_base: float = 0.99
+    proj_hidden_dim: Optional[int] = None
+    proj_dim: Optional[int] = None
+    pred_hidden_dim: Optional[int] = None
+    tau_base: Optional[float] = None
+
+
+@dataclass
+class NNCLRConfig:
+    """NNCLR (Dwibedi et al. 2021); see sepp.methods.nnclr.NNCLR for the defaults."""
+
+    proj_hidden_dim: Optional[int] = None
+    proj_dim: Optional[int] = None
+    pred_hidden_dim: Optional[int] = None
+    queue_size: Optional[int] = None  # support set of past projections
+    temperature: Optional[float] = None
 
 
 @dataclass
@@ -99,6 +117,11 @@ class TrainConfig:
     min_lr: float = 0.0
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # LARS (train.optimizer=lars, sepp.engine.optim.LARS): trust coefficient and solo-learn's clip_lr
+    # (per-layer rate min(eta * trust, lr) instead of lr * eta * trust). Defaults: plain LARS as SimCLR/BYOL
+    # use it on ImageNet; the CIFAR configs set solo-learn's 0.02 / true
+    lars_eta: float = 0.001
+    lars_clip_lr: bool = False
     # schedules are counted in optimizer steps: warm-up lasts warmup_epochs x (steps of one plain epoch of
     # N images), so two arms with the same total steps share the learning rate at every step
     warmup_epochs: float = 0.0
@@ -124,7 +147,21 @@ class EvalConfig:
     linear_lr: float = 0.01  # per 256 images, on standardised frozen features (swept in sepp.eval.linear)
     linear_batch_size: int = 256
     linear_weight_decay: float = 0.0
-    linear_precomputed: bool = True  # False: the standard protocol with crop/flip augmentation every epoch
+    linear_precomputed: bool = True  # fast protocol only; False: crop/flip augmentation every epoch
+    # standard: the MoCo/SimSiam protocol (crop + flip, plain linear head on raw features, SGD lr 30, batch 256,
+    # 100 epochs; cosine on CIFAR/STL-10, steps x0.1 at 60/80 on ImageNet-style folders; see sepp.eval.linear,
+    # it ignores the linear_* keys above); fast: the probe on standardised features (linear_* keys), for CPUs
+    linear_protocol: str = "fast"
+    # semi-supervised fine-tuning (`sepp eval finetune`, SimCLR's protocol; see sepp.eval.finetune)
+    label_fraction: float = 0.1  # class-balanced fraction of the labelled training split (seeded by `seed`)
+    label_list: Optional[str] = None  # ImageNet: SimCLR's 1percent.txt / 10percent.txt (one file name a line)
+    finetune_epochs: int = 0  # 0: the protocol's (sepp.eval.finetune.RECIPES)
+    finetune_lr: float = 0.0  # per 256 images; 0: the dataset's documented value (sepp.eval.finetune.RECIPES)
+    finetune_batch_size: int = 256
+    finetune_max_steps: int = 0  # > 0: stop after this many optimizer steps (smoke tests)
+    # `sepp eval embed-plot`
+    embed_algorithm: str = "auto"  # auto (umap-learn if installed, else scikit-learn's t-SNE) | umap | tsne
+    embed_points: int = 5000  # class-balanced sample of the evaluation split that is drawn
 
 
 @dataclass
@@ -155,6 +192,9 @@ class SeppConfig:
     p: float = 0.5  # substitute: probability that the second view comes from a partner
     # MoCo-v2 / SimCLR: never use as a negative a view of the anchor's own image or of a known partner
     mask_negatives: bool = False
+    # MoCo-v2 / SimCLR: views of known partners in the batch (queue) are further positives of the anchor
+    # (supervised-contrastive style, our extension; the paper only adds pairs as samples); implies the masks
+    batch_positives: bool = False
     remine_every: int = 0  # > 0: re-mine pairs from the model being trained every E epochs
 
 
@@ -165,12 +205,41 @@ class RunConfig:
     sepp_epochs: int = 0  # SePP training epochs (0: train.epochs)
     init: str = "scratch"  # scratch | baseline: the SePP model starts from random weights or phase 1
     budget: str = "steps"  # steps | epochs: how the comparison baseline is matched to the SePP model
-    # evaluations of every arm (knn, linear)
+    # evaluations of every arm: knn, linear, finetune (eval.label_fraction), transfer (transfer.data),
+    # embed_plot (one picture of the first seed's arms side by side)
     evals: list[str] = field(default_factory=lambda: ["knn", "linear"])
     seeds: list[int] = field(default_factory=list)  # repeat the compared arms over these seeds ([]: [seed])
     # when the SePP arm forwards more views per step (sepp.mode=multi), also train the compute-matched
     # control: the baseline with as many views of the image itself
     control: bool = True
+
+
+@dataclass
+class TransferDataConfig:
+    """Target dataset of `sepp eval transfer` (keys mean what they mean under data)."""
+
+    name: str = "cifar100"
+    root: Optional[str] = None  # default: data.root
+    split: str = "train"
+    eval_split: Optional[str] = None  # None: test (val for imagenet / imagenette)
+    subset: int = 0
+    eval_subset: int = 0
+    image_size: int = 0  # 0: the checkpoint's data.image_size (the resolution the encoder was trained at)
+
+
+@dataclass
+class TransferConfig:
+    """Linear transfer (Ericsson et al. 2021): L2-regularised multinomial logistic regression on frozen
+    features; C (inverse penalty, as sklearn's) chosen on a held-out part of the training split, then refit on
+    all of it. Grid as theirs: 45 values of C from 1e-5 to 1e6."""
+
+    data: TransferDataConfig = field(default_factory=TransferDataConfig)
+    val_fraction: float = 0.2  # random held-out part of the training split (seeded by `seed`)
+    c_min: float = 1.0e-5
+    c_max: float = 1.0e6
+    c_steps: int = 45
+    max_iter: int = 100  # L-BFGS iterations per fit (sklearn's default, which they use; warm-started along C)
+    metric: str = "auto"  # auto (the dataset's convention) | top1 | mean_per_class
 
 
 @dataclass
@@ -185,20 +254,26 @@ class Config:
     simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     byol: BYOLConfig = field(default_factory=BYOLConfig)
+    nnclr: NNCLRConfig = field(default_factory=NNCLRConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mine: MineConfig = field(default_factory=MineConfig)
     sepp: SeppConfig = field(default_factory=SeppConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
 
 CHOICES: dict[str, tuple[Any, ...]] = {
-    "method": ("mocov2", "simsiam", "simclr", "byol"),
+    "method": ("mocov2", "simsiam", "simclr", "byol", "nnclr"),
+    "transfer.data.name": ("cifar10", "cifar100", "stl10", "imagenet", "imagenette", "imagefolder"),
+    "transfer.metric": ("auto", "top1", "mean_per_class"),
+    "eval.embed_algorithm": ("auto", "umap", "tsne"),
     "device": ("auto", "cpu", "cuda"),
     "data.name": ("cifar10", "cifar100", "stl10", "imagenet", "imagenette", "imagefolder"),
     "data.pipeline": ("auto", "device", "loader"),
     "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet18_narrow"),
     "mocov2.bn": ("shuffle", "sync", "none"),
+    "eval.linear_protocol": ("standard", "fast"),
     "train.optimizer": ("sgd", "lars"),
     "train.lr_scaling": ("linear", "none"),
     "train.amp": ("auto", "bf16", "fp32"),
@@ -215,6 +290,7 @@ POSITIVE = ("train.epochs", "train.batch_size", "eval.knn_k", "eval.batch_size",
             "mine.rank_from", "mine.oracle_candidates",
             "mine.batch_size", "eval.linear_batch_size", "eval.linear_epochs")
 NON_NEGATIVE = ("data.subset", "data.eval_subset", "train.lr", "train.weight_decay", "train.warmup_epochs",
+                "train.lars_eta",
                 "train.max_steps", "train.stop_at_epoch", "sepp.remine_every", "run.baseline_epochs", "run.sepp_epochs")
 
 
@@ -305,6 +381,8 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> DictConfig:
 def validate(cfg: DictConfig) -> None:
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
+        if value is None and key.split(".")[0] in METHOD_SECTIONS:
+            continue  # the method constructor's default, filled in by resolve
         if value not in choices:
             raise SeppError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
     for key in POSITIVE:
@@ -317,6 +395,9 @@ def validate(cfg: DictConfig) -> None:
         raise SeppError(f"sepp.p must be in [0, 1] (got {cfg.sepp.p})")
     if not -1.0 <= cfg.mine.threshold <= 1.0:
         raise SeppError(f"mine.threshold is a cosine similarity and must be in [-1, 1] (got {cfg.mine.threshold})")
+    if cfg.sepp.batch_positives and cfg.method not in NEGATIVE_METHODS:
+        raise SeppError(f"sepp.batch_positives=true needs a method with negatives ({', '.join(NEGATIVE_METHODS)}); "
+                        f"{cfg.method} has none to turn into positives")
     if cfg.sepp.mask_negatives and cfg.method not in NEGATIVE_METHODS:
         raise SeppError(f"sepp.mask_negatives=true needs a method with negatives ({', '.join(NEGATIVE_METHODS)}); "
                         f"{cfg.method} has none")
@@ -330,11 +411,13 @@ def validate(cfg: DictConfig) -> None:
                         "keep rank_from <= k")
 
 
-RUN_EVALS = ("knn", "linear")  # what `sepp run` can evaluate
+RUN_EVALS = ("knn", "linear", "finetune", "transfer", "embed_plot")  # what `sepp run` can evaluate
 NEGATIVE_METHODS = ("mocov2", "simclr")  # methods whose loss has negatives that sepp.mask_negatives can mask
 
 
 DEFAULT_SIZES = {"cifar10": 32, "cifar100": 32, "stl10": 96}
+METHOD_SECTIONS = ("mocov2", "simsiam", "simclr", "byol", "nnclr")  # sections whose null means "constructor's"
+SYNC_BN_METHODS = ("simclr", "simsiam", "byol")  # papers with global / synchronised BN across devices
 
 
 def resolve(cfg: DictConfig) -> DictConfig:
@@ -356,6 +439,16 @@ def resolve(cfg: DictConfig) -> DictConfig:
         cfg.data.workers = min(8, os.cpu_count() or 1)
     if cfg.train.amp == "auto":
         cfg.train.amp = "bf16" if cfg.device == "cuda" else "fp32"
+    if cfg.model.sync_bn is None:
+        cfg.model.sync_bn = cfg.method in SYNC_BN_METHODS and cfg.device == "cuda"
+    from .methods import METHODS, hyperparameter_defaults
+
+    for name in METHOD_SECTIONS:  # null -> the constructor's default, so config.yaml shows what runs
+        section = cfg.get(name)
+        if name in METHODS and section is not None:
+            for key, value in hyperparameter_defaults(METHODS[name]).items():
+                if key in section and section[key] is None:
+                    section[key] = value
     if cfg.sepp.mode == "multi" and cfg.sepp.pairs:
         cfg.train.views = 3  # the anchor's two views and one view of a semantic partner
     return cfg

@@ -10,7 +10,8 @@ phase resumes from its ``last.pt``):
 4. ``baseline/`` — the comparison baseline trained for the same budget as phase 3: the same number of
    optimizer steps (``run.budget=steps``, default: an enlarged epoch has more steps) or epochs; phase 1 is
    reused when it already matches;
-5. ``eval``      — kNN and linear probe of both models, then ``results.json``, ``report.md`` and pictures.
+5. ``eval``      — ``run.evals`` of every model (kNN, linear probe, fine-tuning, transfer; ``embed.png``), then
+   ``results.json``, ``report.md`` and pictures.
 """
 from __future__ import annotations
 
@@ -53,8 +54,12 @@ def _phase_cfg(cfg: DictConfig, out: Path, epochs: int, **extra) -> DictConfig:
     c.sepp.remine_every = 0
     # sepp.mask_negatives stays as configured for every arm: without pairs it only masks an anchor's own
     # image (MoCo's queue holds last epoch's key of almost every image), so the arms differ by the pairs alone
+    # sepp.batch_positives without pairs would make an image's own older queue key (MoCo) a positive; the
+    # arms without pairs mask it instead (the SePP arm counts it as a positive, next to its partners' views)
     for key, value in extra.items():
         OmegaConf.update(c, key, value, merge=False)
+    if c.sepp.batch_positives and not c.sepp.pairs:
+        c.sepp.batch_positives, c.sepp.mask_negatives = False, True
     return c
 
 
@@ -128,7 +133,8 @@ def run_experiment(cfg: DictConfig, progress: bool = True) -> dict:
         "budget": cfg.run.budget,
         "seconds": seconds,
     }
-    results["sepp"].update(mode=cfg.sepp.mode, init=cfg.run.init, mask_negatives=bool(cfg.sepp.mask_negatives))
+    results["sepp"].update(mode=cfg.sepp.mode, init=cfg.run.init, mask_negatives=bool(cfg.sepp.mask_negatives),
+                           batch_positives=bool(cfg.sepp.batch_positives))
     scored = [m for m in SCORES if m in cfg.run.evals]
     results["evals"] = list(cfg.run.evals)
     results["difference"] = {f"sepp-{other}": {m: paired_difference(results["sepp"][m]["values"],
@@ -146,6 +152,8 @@ def run_experiment(cfg: DictConfig, progress: bool = True) -> dict:
         labels = {"sepp": "SePP", "baseline": "baseline", "control": "control (extra views)"}
         plot_curves({labels[n]: [Path(e["dir"]) / "metrics.csv" for e in runs] for n, runs in arms.items()},
                     out / "curves.png")
+        results["embed_plot"] = _embed_pictures(cfg, arms, out)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
         write_report(out, results, stats, cfg)
     dist_utils.barrier()
     return results
@@ -193,7 +201,7 @@ def _seed_arms(cfg, seed: int, where: Path, out: Path, phase1, phase1_ckpt: str,
                          **{"train.max_steps": b_steps, "train.views": sepp_run["views"]})
         trained["control"] = (_train(arm, where / "control", progress, init), where / "control")
 
-    _log(f"phase 5/5 (seed {seed}): kNN and linear evaluation")
+    _log(f"phase 5/5 (seed {seed}): evaluation ({', '.join(cfg.run.evals)})")
     arms = {}
     for name, (summary, d) in trained.items():
         ev = _evaluate(d / "last.pt", cfg, out / "mining" / "pairs.npz")
@@ -241,12 +249,12 @@ def pair_cosine(backbone, cfg: DictConfig, pairs_path: Path, seed: int = 0) -> d
 
 
 def _evaluate(ckpt: Path, cfg: DictConfig, pairs_path: Path | None = None) -> dict:
-    """The run's evaluations (``run.evals``) of one trained arm, cached in ``eval.json``."""
+    """The run's evaluations (``run.evals`` but embed_plot) of one trained arm, cached in ``eval.json``."""
     path = ckpt.parent / "eval.json"
     wanted = [e for e in cfg.run.evals if e in SCORES]
     if path.exists():
         cached = json.loads(path.read_text())
-        if all(SCORES[e][0] in cached for e in wanted):
+        if all(cached.get(SCORES[e][0]) is not None for e in wanted):  # a later run may want more evals
             return cached
     result = {SCORES[e][0]: None for e in SCORES}
     result.update(pair_cosine=None, seconds=0.0)
@@ -261,11 +269,33 @@ def _evaluate(ckpt: Path, cfg: DictConfig, pairs_path: Path | None = None) -> di
             result["knn_top1"] = knn_from_method(method, ecfg)
         if "linear" in wanted:
             result["linear_top1"] = linear_from_method(method, ecfg)["top1"]
+        if "finetune" in wanted:
+            from ..eval.finetune import finetune_checkpoint
+
+            result["finetune_top1"] = finetune_checkpoint(str(ckpt), overrides,
+                                                          out=str(ckpt.parent / "finetune.json"))["finetune_top1"]
+        if "transfer" in wanted:
+            from ..eval.transfer import transfer_checkpoint
+
+            result["transfer_score"] = transfer_checkpoint(str(ckpt), overrides,
+                                                           out=str(ckpt.parent / "transfer.json"))["transfer_score"]
         if pairs_path is not None and pairs_path.exists():
             result["pair_cosine"] = pair_cosine(method.backbone, ecfg, pairs_path)
         result["seconds"] = time.time() - t0
         path.write_text(json.dumps(result, indent=2))
     return dist_utils.broadcast_object(result)
+
+
+def _embed_pictures(cfg: DictConfig, arms: dict, out: Path) -> str | None:
+    """``embed.png``: 2-D embeddings of the evaluation split, the first seed's arms side by side."""
+    if "embed_plot" not in cfg.run.evals or not dist_utils.is_main():
+        return None
+    from ..eval.embed_plot import embed_plot_checkpoints
+
+    labels = {"baseline": "baseline", "control": "control", "sepp": "SePP"}
+    ckpts = {labels[n]: str(Path(runs[0]["dir"]) / "last.pt") for n, runs in arms.items()}
+    embed_plot_checkpoints(ckpts, [f"device={cfg.device}", f"data.root={cfg.data.root}"], out=str(out / "embed.png"))
+    return "embed.png"
 
 
 def mine_checkpoint(checkpoint: str, cfg: DictConfig, out_dir: Path) -> dict:

@@ -22,12 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import resolve, to_yaml
 from ..errors import SeppError
+from ..fileio import require_shared_dir
 from . import distributed as dist_utils
-from .checkpoint import FORMAT, atomic_save, load_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .optim import build_optimizer, lr_at, schedule_steps, set_lr
 
 METRIC_COLUMNS = ["epoch", "step", "loss", "lr", "samples_per_s", "epoch_seconds", "knn_top1",
-                  "pairs", "pair_precision", "pair_coverage"]
+                  "pairs", "pair_precision", "pair_coverage", "nn_agreement"]
 
 
 class Interrupted(Exception):
@@ -264,6 +265,7 @@ def pretrain(cfg: DictConfig, progress: bool = True, init_state: Optional[dict] 
     if cfg.train.batch_size % world:
         raise SeppError(f"train.batch_size={cfg.train.batch_size} must be divisible by the {world} processes")
     out = Path(cfg.out)
+    require_shared_dir(out, "the run directory (out)")  # rank 0 writes the checkpoints all ranks resume from
     last = out / "last.pt"
     ckpt = None
     if last.exists():
@@ -285,6 +287,8 @@ def pretrain(cfg: DictConfig, progress: bool = True, init_state: Optional[dict] 
     if images is not None and device.type == "cuda":
         images = images.to(device)
     method = build_model(cfg, device, world)
+    if hasattr(method, "set_labels"):  # NNCLR: neighbour label agreement per epoch (reporting only)
+        method.set_labels(dataset.labels)
     optimizer = build_optimizer(method, cfg.train, scaled_lr(cfg))
     start_epoch, start_batch, step, mined_epoch = 0, 0, 0, None
     if ckpt is not None:
@@ -300,9 +304,10 @@ def pretrain(cfg: DictConfig, progress: bool = True, init_state: Optional[dict] 
     elif init_state is not None:
         method.load_state_dict(init_state)
     pairs = None if pairs_obj is None else (np.asarray(pairs_obj.i), np.asarray(pairs_obj.j))
-    if cfg.sepp.mask_negatives:  # without pairs only views of an anchor's own image are masked
+    if cfg.sepp.mask_negatives or cfg.sepp.batch_positives:  # without pairs: only an anchor's own image
         known = pairs or (np.zeros(0, np.int64), np.zeros(0, np.int64))
-        method.set_known_positives(torch.as_tensor(known[0]), torch.as_tensor(known[1]), len(dataset))
+        method.set_known_positives(torch.as_tensor(known[0]), torch.as_tensor(known[1]), len(dataset),
+                                   positives=bool(cfg.sepp.batch_positives))
 
     model = method
     if world > 1:
@@ -329,9 +334,9 @@ def pretrain(cfg: DictConfig, progress: bool = True, init_state: Optional[dict] 
                 pairs_obj, mine_stats = remine(method, cfg, dataset, device, epoch)
                 pairs_obj.meta["mined_at_epoch"] = mined_epoch = epoch
                 pairs = (np.asarray(pairs_obj.i), np.asarray(pairs_obj.j))
-                if cfg.sepp.mask_negatives:
+                if cfg.sepp.mask_negatives or cfg.sepp.batch_positives:
                     method.set_known_positives(torch.as_tensor(pairs[0]), torch.as_tensor(pairs[1]),
-                                               len(dataset))
+                                               len(dataset), positives=bool(cfg.sepp.batch_positives))
                 loader = build_train_loader(cfg, dataset, device, rank, world, pairs, images)
             else:
                 mine_stats = None
@@ -380,6 +385,8 @@ def pretrain(cfg: DictConfig, progress: bool = True, init_state: Optional[dict] 
             done = epoch + 1
             row = {"epoch": done, "step": step, "loss": epoch_loss, "lr": lr,
                    "samples_per_s": seen * world / max(seconds, 1e-9), "epoch_seconds": seconds}
+            if hasattr(method, "epoch_metrics"):  # every process calls it (an all-reduce)
+                row.update(method.epoch_metrics())
             if mine_stats is not None:
                 row.update(pairs=mine_stats["num_pairs"], pair_precision=mine_stats.get("precision", ""),
                            pair_coverage=mine_stats["coverage"])
@@ -461,21 +468,6 @@ def _diverged(value, epoch, out):
     raise SeppError(f"loss became {value} in epoch {epoch + 1}; stopped without saving — the last good "
                     f"checkpoint is {out / 'last.pt'} (if any); lower train.lr, add train.warmup_epochs "
                     "or use train.amp=fp32")
-
-
-def save_checkpoint(path, method, optimizer, cfg, epoch, step, pairs=None, batch_in_epoch=0):
-    atomic_save({
-        "format": FORMAT,
-        "model": method.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "epoch": epoch,
-        "step": step,
-        "batch_in_epoch": batch_in_epoch,
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "pairs": None if pairs is None else {"i": np.asarray(pairs.i), "j": np.asarray(pairs.j),
-                                             "sim": np.asarray(pairs.sim), "meta": dict(pairs.meta)},
-        "torch": torch.__version__,
-    }, path)
 
 
 # --------------------------------------------------------------------------------------------- re-mining

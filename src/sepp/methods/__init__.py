@@ -14,11 +14,12 @@ from omegaconf import OmegaConf
 from sepp.errors import SeppError
 from sepp.methods.byol import BYOL
 from sepp.methods.mocov2 import MoCoV2
+from sepp.methods.nnclr import NNCLR
 from sepp.methods.simclr import SimCLR
 from sepp.methods.simsiam import SimSiam
 from sepp.models.backbones import build_backbone
 
-METHODS = {"mocov2": MoCoV2, "simsiam": SimSiam, "simclr": SimCLR, "byol": BYOL}
+METHODS = {"mocov2": MoCoV2, "simsiam": SimSiam, "simclr": SimCLR, "byol": BYOL, "nnclr": NNCLR}
 
 
 def hyperparameter_names(cls: type) -> list[str]:
@@ -27,9 +28,17 @@ def hyperparameter_names(cls: type) -> list[str]:
     return [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
+def hyperparameter_defaults(cls: type) -> dict:
+    """The constructor's default of every keyword hyperparameter: the one home of method defaults (the
+    config schema's method sections are null until ``sepp.config.resolve`` copies these in)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {n: p.default for n, p in params.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
+
+
 def build_method(cfg) -> nn.Module:
     """Build ``METHODS[cfg.method]`` on ``cfg.model.backbone``; hyperparameters come from ``cfg[cfg.method]``,
-    and for CIFAR-stem backbones the method's ``CIFAR_DEFAULTS`` fill the keys that section leaves out."""
+    keys it leaves out or sets to null take the constructor's default (the paper's ImageNet value)."""
     name = cfg["method"]
     if name not in METHODS:
         raise SeppError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
@@ -37,7 +46,7 @@ def build_method(cfg) -> nn.Module:
     section = cfg.get(name) or {}
     if OmegaConf.is_config(section):
         section = OmegaConf.to_container(section, resolve=True)
-    hparams = {**(cls.CIFAR_DEFAULTS if cfg["model"]["cifar_stem"] else {}), **section}
+    hparams = {k: v for k, v in section.items() if v is not None}
     valid = hyperparameter_names(cls)
     unknown = sorted(set(hparams) - set(valid))
     if unknown:
@@ -46,4 +55,4 @@ def build_method(cfg) -> nn.Module:
     return cls(backbone, feat_dim, **hparams)
 
 
-__all__ = ["METHODS", "build_method", "hyperparameter_names", "MoCoV2", "SimSiam", "SimCLR", "BYOL"]
+__all__ = ["METHODS", "build_method", "hyperparameter_defaults", "hyperparameter_names", "MoCoV2", "SimSiam", "SimCLR", "BYOL", "NNCLR"]

@@ -2,7 +2,9 @@
 
 A view of the anchor's own image, or of one of its known semantic partners, is a false negative: the pair
 pulls it in while the contrastive denominator pushes it away in the same step. Methods with negatives
-(MoCo-v2's queue, SimCLR's batch) ask :class:`KnownPositives` for a boolean mask and drop those entries.
+(MoCo-v2's queue, SimCLR's batch) ask :class:`KnownPositives` for a boolean mask and drop those entries, or,
+with ``sepp.batch_positives`` (``positives=True`` in :meth:`KnownPositives.set`), count them as further
+positives of the anchor (multi-positive loss, as supervised contrastive learning does with class-mates).
 """
 from __future__ import annotations
 
@@ -21,18 +23,20 @@ class KnownPositives(nn.Module):
     def __init__(self):
         super().__init__()
         self.enabled = False
+        self.positives = False  # True: the masked entries are positives of the anchor, not dropped negatives
         self.num_images = 0
         self.register_buffer("codes", torch.zeros(0, dtype=torch.long), persistent=False)
 
-    def set(self, i, j, num_images: int) -> None:
+    def set(self, i, j, num_images: int, positives: bool = False) -> None:
         """Register the pairs ``(i[n], j[n])`` (int arrays or tensors; may be empty: then only an image's own
-        other views are masked) among ``num_images`` images, and switch masking on."""
+        other views are masked) among ``num_images`` images, and switch masking on; ``positives``: the
+        method turns the masked entries into positives instead of dropping them."""
         i, j = (torch.as_tensor(a, dtype=torch.long).reshape(-1) for a in (i, j))
         both = torch.cat([i, j])
         if i.shape != j.shape or bool(((both < 0) | (both >= num_images)).any()):
             raise SeppError(f"known positives must be two equal-length id arrays within [0, {num_images}); "
                             "check that the pair file matches the dataset")
-        self.enabled, self.num_images = True, int(num_images)
+        self.enabled, self.num_images, self.positives = True, int(num_images), bool(positives)
         self.codes = torch.unique(torch.cat([i * num_images + j, j * num_images + i])).to(self.codes.device)
 
     def mask(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:

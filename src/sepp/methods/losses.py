@@ -24,12 +24,14 @@ def multi_positive_ce(logits: torch.Tensor, positive: torch.Tensor) -> torch.Ten
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None, temperature: float = 0.2,
-             neg_mask: torch.Tensor | None = None) -> torch.Tensor:
+             neg_mask: torch.Tensor | None = None, pos_mask: torch.Tensor | None = None) -> torch.Tensor:
     """MoCo's InfoNCE; ``q``: L2-normalised ``[B, D]``; ``k``: ``[B, D]`` (row b is the positive of query b)
     or ``[B, P, D]`` (P positives per query: multi-positive InfoNCE, every positive in the denominator).
 
     With ``queue`` ``[K, D]`` (normalised) the negatives of every query are the K queue entries and the logits
-    are ``[q.k_1..q.k_P, q.queue^T] / T``; ``neg_mask`` ``[B, K]`` (True = drop that negative for that query).
+    are ``[q.k_1..q.k_P, q.queue^T] / T``; ``neg_mask`` ``[B, K]`` (True = drop that negative for that query);
+    ``pos_mask`` ``[B, K]`` (True = that queue entry is one more positive of that query, e.g. a key of a known
+    semantic partner; it stays in the denominator as every positive does).
     Without a queue the negatives are the other keys of the batch (logits ``q k^T / T``, positive on the
     diagonal, ``k`` must be ``[B, D]``; ``neg_mask`` is then ``[B, B]`` and must be False on the diagonal).
     Reduction: mean over the B queries of the mean over its positives of the cross-entropy.
@@ -48,10 +50,12 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None
         if neg_mask is not None:  # the positives (first P columns) are never masked
             logits = logits.masked_fill(torch.cat([torch.zeros_like(neg_mask[:, :1]).expand(-1, n_pos),
                                                    neg_mask], dim=1), float("-inf"))
-        if n_pos == 1:
+        if n_pos == 1 and pos_mask is None:
             return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
         positive = torch.zeros_like(logits, dtype=torch.bool)
         positive[:, :n_pos] = True
+        if pos_mask is not None:
+            positive[:, n_pos:] = pos_mask if neg_mask is None else pos_mask & ~neg_mask
         return multi_positive_ce(logits, positive)
 
 
@@ -65,7 +69,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, z1_all
 
 def nt_xent_views(views: list[torch.Tensor], temperature: float = 0.1,
                   views_all: list[torch.Tensor] | None = None, offset: int = 0,
-                  drop: torch.Tensor | None = None) -> torch.Tensor:
+                  drop: torch.Tensor | None = None, extra_positive: torch.Tensor | None = None) -> torch.Tensor:
     """NT-Xent over V >= 2 views per sample (V = 2: SimCLR; V = 3: two views of an image plus one of its
     semantic partner, or three of the image itself).
 
@@ -74,9 +78,11 @@ def nt_xent_views(views: list[torch.Tensor], temperature: float = 0.1,
     offset+B-1``. Every local row of every view is an anchor; its positives are the other V-1 views of the
     same sample, its negatives every other embedding of the global batch except itself. ``drop``
     ``[V*B, V*N]`` (view-major rows and columns) removes further columns from an anchor's negatives (false
-    negatives: views of its own image or of known partners); positives are never dropped.
-    Reduction: mean over the V*B local anchors of the mean over their V-1 positives of
-    ``-log softmax``. With V = 2 every anchor has one positive and this is the usual NT-Xent.
+    negatives: views of its own image or of known partners); positives are never dropped. ``extra_positive``
+    (same shape) adds columns to an anchor's positives instead (known partners in the batch, counted as
+    supervised contrastive learning counts class-mates); an anchor itself is never its own positive.
+    Reduction: mean over the V*B local anchors of the mean over their positives of ``-log softmax``. With
+    V = 2 and no extra positives every anchor has one positive and this is the usual NT-Xent.
     """
     views_all = views if views_all is None else views_all
     v = len(views)
@@ -94,9 +100,11 @@ def nt_xent_views(views: list[torch.Tensor], temperature: float = 0.1,
         same_sample = row_sample[:, None] == col_sample[None, :]
         is_self = same_sample & (row_view[:, None] == col_view[None, :])
         positive = same_sample & ~is_self
+        if extra_positive is not None:
+            positive = positive | (extra_positive & ~is_self)
         removed = is_self if drop is None else is_self | (drop & ~positive)
         logits = logits.masked_fill(removed, float("-inf"))
-        if v == 2:
+        if v == 2 and extra_positive is None:
             return F.cross_entropy(logits, positive.float().argmax(1))
         return multi_positive_ce(logits, positive)
 

@@ -2,12 +2,15 @@
 
 Defaults (constructor = ImageNet, MoCo-v2 paper / official repo): queue 65536, T 0.2, momentum 0.999,
 MLP projector 2048 -> 128 (Linear-ReLU-Linear, no BN), asymmetric loss, shuffle-BN.
-CIFAR defaults (``CIFAR_DEFAULTS``, facebookresearch/moco ``colab/moco_cifar10_demo.ipynb``): queue 4096,
-T 0.1, momentum 0.99, symmetric loss. The demo sums the two directions; we average them, so its learning
-rate 0.06 corresponds to 0.12 here.
+These defaults are the only ones (``sepp.methods.hyperparameter_defaults``); the CIFAR values of the official
+demo (facebookresearch/moco ``colab/moco_cifar10_demo.ipynb``: queue 4096, T 0.1, momentum 0.99, symmetric
+loss, 8 BN splits) are stated in ``configs/cifar10_mocov2.yaml``. The demo sums the two directions; we average
+them, so its SGD step (lr 0.06, wd 5e-4 at batch 512) is lr 0.12 with wd 2.5e-4 here (the same update:
+``tests/test_recipes.py`` steps both side by side).
 
 SePP extensions: ``set_known_positives`` registers the mined pairs; a query of image a then never uses as a
-negative a queue key whose image is a itself or a known partner of a (all other negatives are kept). A third
+negative a queue key whose image is a itself or a known partner of a (all other negatives are kept); with
+``positives=True`` (``sepp.batch_positives``) such keys are further positives of the query instead. A third
 view ``x3`` (a semantic partner, or the image itself in the extra-view control) adds its key as one more
 positive of every query (multi-positive InfoNCE); with ``symmetric`` every view is a query of the others.
 """
@@ -29,8 +32,6 @@ BN_MODES = ("shuffle", "sync", "none")
 
 
 class MoCoV2(nn.Module):
-    CIFAR_DEFAULTS = {"queue_size": 4096, "temperature": 0.1, "momentum": 0.99, "symmetric": True}
-
     def __init__(self, backbone: nn.Module, feat_dim: int, *, proj_hidden_dim: int = 2048, proj_dim: int = 128,
                  queue_size: int = 65536, temperature: float = 0.2, momentum: float = 0.999,
                  symmetric: bool = False, bn: str = "shuffle", bn_splits: int = 1):
@@ -53,10 +54,11 @@ class MoCoV2(nn.Module):
         self.temperature, self.momentum, self.symmetric, self.bn_mode = temperature, momentum, symmetric, bn
         self.known = KnownPositives()
 
-    def set_known_positives(self, i, j, num_images: int) -> None:
+    def set_known_positives(self, i, j, num_images: int, positives: bool = False) -> None:
         """Register known positive pairs (int64 endpoints, tensors or arrays) among ``num_images`` images;
-        from then on a query's own image and its partners are removed from its queue negatives."""
-        self.known.set(i, j, num_images)
+        from then on a query's own image and its partners are removed from its queue negatives (or, with
+        ``positives``, are positives of the query)."""
+        self.known.set(i, j, num_images, positives)
 
     def negative_mask(self, query_ids: torch.Tensor) -> torch.Tensor | None:
         """[B, K] True where queue entry k holds query b's own image or a known partner (None when off)."""
@@ -89,11 +91,15 @@ class MoCoV2(nn.Module):
             q = F.normalize(self.projector(self.backbone(xs[a])), dim=1)
             mask = self.negative_mask(ids[a])
             positives = torch.stack([keys[b] for b in range(len(xs)) if b != a], dim=1)  # [B, V-1, D]
-            losses.append(info_nce(q, positives, queue, self.temperature, mask))
+            if mask is not None and self.known.positives:
+                losses.append(info_nce(q, positives, queue, self.temperature, pos_mask=mask))
+            else:
+                losses.append(info_nce(q, positives, queue, self.temperature, mask))
             masks.append(mask)
         out = {"loss": torch.stack(losses).mean()}
         if masks[0] is not None:
-            out["masked_negatives"] = torch.cat(masks).sum(1).float().mean().detach()
+            key = "known_positives" if self.known.positives else "masked_negatives"
+            out[key] = torch.cat(masks).sum(1).float().mean().detach()
         # Asymmetric: only the key of view 2 is enqueued (the official code); symmetric: every view's key.
         # Gathered view by view so the queue order is the global batch order whatever the world size.
         enq = range(1, len(xs)) if not self.symmetric else [1, 0] + list(range(2, len(xs)))

@@ -2,13 +2,14 @@
 
 Defaults (constructor = ImageNet, official README): T 0.1, projector Linear-BN-ReLU-Linear-BN with 2048
 hidden and 128 output units (the official head's output BN has a scale but no shift; ours has neither, which
-the following L2 normalisation makes nearly equivalent). CIFAR defaults (``CIFAR_DEFAULTS``, official README's
-CIFAR-10 command): T 0.5.
+the following L2 normalisation makes nearly equivalent). These defaults are the only ones; the CIFAR values
+(solo-learn's CIFAR recipe: T 0.2, output 256) are stated in ``configs/cifar10_simclr.yaml``.
 
 Negatives are the whole global batch: embeddings are gathered from every process with gradient.
 SePP: a third view (``x3``, a semantic partner of the anchor's image) is an extra positive of both anchor
 views (multi-positive NT-Xent); with known positives registered (``sepp.mask_negatives``) a view of the
-anchor's own image or of a known partner is never one of its negatives.
+anchor's own image or of a known partner is never one of its negatives, and with ``sepp.batch_positives``
+such views are further positives of the anchor.
 """
 from __future__ import annotations
 
@@ -22,8 +23,6 @@ from sepp.models.heads import mlp
 
 
 class SimCLR(nn.Module):
-    CIFAR_DEFAULTS = {"temperature": 0.5}
-
     def __init__(self, backbone: nn.Module, feat_dim: int, *, proj_hidden_dim: int = 2048, proj_dim: int = 128,
                  temperature: float = 0.1):
         super().__init__()
@@ -32,18 +31,20 @@ class SimCLR(nn.Module):
         self.temperature = temperature
         self.known = KnownPositives()
 
-    def set_known_positives(self, i, j, num_images: int) -> None:
-        self.known.set(i, j, num_images)
+    def set_known_positives(self, i, j, num_images: int, positives: bool = False) -> None:
+        self.known.set(i, j, num_images, positives)
 
     def forward(self, x1, x2, ids1, ids2, x3=None, ids3=None) -> dict[str, torch.Tensor]:
         xs, ids = ([x1, x2], [ids1, ids2]) if x3 is None else ([x1, x2, x3], [ids1, ids2, ids3])
         zs = [self.projector(self.backbone(x)) for x in xs]
         zs_all = [D.all_gather_with_grad(z) for z in zs]
-        drop = self.known.mask(torch.cat(ids), torch.cat([D.all_gather(i) for i in ids]))
-        loss = nt_xent_views(zs, self.temperature, zs_all, offset=D.get_rank() * zs[0].shape[0], drop=drop)
+        known = self.known.mask(torch.cat(ids), torch.cat([D.all_gather(i) for i in ids]))
+        as_pos = known is not None and self.known.positives
+        loss = nt_xent_views(zs, self.temperature, zs_all, offset=D.get_rank() * zs[0].shape[0],
+                             drop=None if as_pos else known, extra_positive=known if as_pos else None)
         out = {"loss": loss}
-        if drop is not None:
-            out["masked_negatives"] = drop.sum(1).float().mean().detach()
+        if known is not None:
+            out["known_positives" if as_pos else "masked_negatives"] = known.sum(1).float().mean().detach()
         return out
 
     def after_step(self, progress: float) -> None:

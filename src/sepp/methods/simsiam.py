@@ -3,7 +3,8 @@
 Defaults (constructor = ImageNet, paper / official repo): projector 3 layers, hidden and output 2048, BN on
 every layer including the output; predictor 2048 -> 512 -> 2048 (BN on the hidden layer only), trained with
 a fixed learning rate (``fix_lr`` in its param group, the official ``--fix-pred-lr``).
-CIFAR defaults (``CIFAR_DEFAULTS``, paper appendix on CIFAR-10): a 2-layer projector.
+These defaults are the only ones; the paper's CIFAR-10 2-layer projector is stated in
+``configs/cifar10_simsiam.yaml``.
 """
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ from sepp.models.heads import mlp
 
 
 class SimSiam(nn.Module):
-    CIFAR_DEFAULTS = {"proj_layers": 2}
-
     def __init__(self, backbone: nn.Module, feat_dim: int, *, proj_hidden_dim: int = 2048, proj_dim: int = 2048,
                  proj_layers: int = 3, pred_hidden_dim: int = 512, fix_pred_lr: bool = True):
         super().__init__()

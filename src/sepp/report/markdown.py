@@ -33,7 +33,8 @@ def write_report(out: Path, results: dict, stats: dict, cfg) -> Path:
         f"Backbone `{results['backbone']}`, {results['num_images']} training images, device `{results['device']}`"
         f" × {results['world_size']} process(es). Budget matched by **{results['budget']}**; the SePP model "
         f"starts from **{s['init']}**, pairs used in **{s['mode']}** mode"
-        f"{', negatives masked' if s.get('mask_negatives') else ''}. Seeds: {', '.join(map(str, seeds))} "
+        f"{', negatives masked' if s.get('mask_negatives') else ''}"
+        f"{', partners in the batch counted as positives' if s.get('batch_positives') else ''}. Seeds: {', '.join(map(str, seeds))} "
         "(every arm is trained once per seed; mean ± std over seeds).",
         "",
         "## Results",
@@ -55,6 +56,8 @@ def write_report(out: Path, results: dict, stats: dict, cfg) -> Path:
         lines.append(f"**SePP − {other}** (paired by seed, {n} seed(s)): " + ", ".join(
             f"{SCORE_LABELS[m].split(' (')[0]} {format_difference(v, ' points')}" for m, v in d.items()) + ".")
         lines.append("")
+    if results.get("embed_plot"):
+        lines += [f"![2-D embedding of the evaluation split, arms side by side]({results['embed_plot']})", ""]
     cosines = [(label, results[n]) for n, label in ARMS if n in results and results[n].get("pair_cosine") is not None]
     if cosines:
         lines += ["How close the pairs are for each trained model (mean cosine of backbone features over the pairs; "
