@@ -64,8 +64,9 @@ def test_logistic_regression_solves_the_penalised_objective():
     p = torch.softmax(x @ w.t() + b, 1) - torch.nn.functional.one_hot(y, 3).double()
     assert (C * p.t() @ x + w).abs().max() < 1e-4 and w.abs().max() > 0.3  # |W| is ~0.6: a real solution
     assert p.sum(0).abs().max() < 1e-4
-    sklearn = pytest.importorskip("sklearn.linear_model")
-    ref = sklearn.LogisticRegression(C=C, tol=1e-10, max_iter=10000).fit(x.numpy(), y.numpy())
+    from sklearn.linear_model import LogisticRegression  # a dev dependency: its absence must fail, not skip
+
+    ref = LogisticRegression(C=C, tol=1e-10, max_iter=10000).fit(x.numpy(), y.numpy())
     assert np.allclose(w.numpy(), ref.coef_, atol=1e-4) and np.allclose(b.numpy(), ref.intercept_, atol=1e-4)
 
 
@@ -98,7 +99,6 @@ def _loo_1nn(xy, y):
 
 
 def test_embed_plot_separates_clustered_features_and_not_random_ones(tmp_path):
-    pytest.importorskip("sklearn")
     from sepp.eval.embed_plot import balanced_sample, embed_plot
 
     x, y = _blobs(n=400, d=64, k=4, seed=1, spread=0.5)
@@ -145,7 +145,7 @@ def imagenette_root(tmp_path_factory) -> Path:
     """The first 100 training and 50 validation images of every Imagenette2 class, extracted from the shared
     tar into ``<root>/imagenette2/{train,val}/<wnid>/`` (the layout ``data.name=imagenette`` reads)."""
     if not IMAGENETTE_TAR.is_file():
-        pytest.skip(f"Imagenette2 not found at {IMAGENETTE_TAR}; set SEPP_SHARED to the folder holding imagenette2/")
+        pytest.fail(f"Imagenette2 not found at {IMAGENETTE_TAR}; set SEPP_SHARED to the folder holding imagenette2/")
     root = tmp_path_factory.mktemp("imagenette")
     quota, taken = {"train": 100, "val": 50}, {}
     with tarfile.open(IMAGENETTE_TAR) as tar:
@@ -266,7 +266,6 @@ def test_mining_with_exported_state_dict_gives_the_checkpoints_pairs(run, cifar_
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*md5.*:UserWarning")
 def test_embed_plot_command_draws_the_evaluation_split(run, tmp_path):
-    pytest.importorskip("sklearn")
     from sepp.cli import main
 
     out = tmp_path / "embed.png"
@@ -280,7 +279,6 @@ def test_embed_plot_command_draws_the_evaluation_split(run, tmp_path):
 @pytest.mark.filterwarnings("ignore:.*md5.*:UserWarning")
 def test_sepp_run_evals_every_arm_with_the_whole_suite(cifar_root, imagenette_root, tmp_path):
     """run.evals: fine-tuning, transfer and the embedding picture for both arms, in results.json and report.md."""
-    pytest.importorskip("sklearn")
     from conftest import tiny_overrides
     from sepp.cli import main
 
