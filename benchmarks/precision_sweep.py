@@ -31,6 +31,10 @@ from sepp.eval.stats import format_difference
 DEFAULTS = ["run.init=scratch", "sepp.mode=multi", "sepp.mask_negatives=true", "mine.k=5", "mine.threshold=0.0"]
 
 
+def _points(value: str) -> list:
+    return [x if x == "mined" else float(x) for x in value.split(",")]
+
+
 def _point_overrides(point: str) -> list[str]:
     return ["mine.oracle=none"] if point == "mined" else ["mine.oracle=random", f"mine.oracle_precision={point}"]
 
@@ -48,7 +52,9 @@ def _share_arms(first: Path, here: Path, seeds: list[int]) -> None:
 
 def sweep(args) -> dict:
     out = Path(args.out)
-    points = [str(p) for p in args.precisions] + (["mined"] if not args.no_mined else [])
+    points = [str(p) for p in args.precisions]
+    if "mined" not in points and not args.no_mined:
+        points.append("mined")
     seeds = [int(s) for s in args.seeds]
     rows = {}
     first = Path(args.baseline_from) if args.baseline_from else None
@@ -65,6 +71,11 @@ def sweep(args) -> dict:
                        "pair_sim_p50": (res["mining"].get("pair_sim") or {}).get("p50"),
                        "difference": res["difference"], "sepp": {m: res["sepp"][m] for m in ("knn", "linear")},
                        "baseline": {m: res["baseline"][m] for m in ("knn", "linear")}}
+        result = write_outputs(args, out, seeds, rows)  # after every point: a stopped sweep keeps what it measured
+    return result
+
+
+def write_outputs(args, out: Path, seeds: list[int], rows: dict) -> dict:
     result = {"encoder": args.encoder, "config": args.config, "overrides": [*DEFAULTS, *args.overrides],
               "seeds": seeds, "points": rows, "break_even": break_even(rows)}
     out.mkdir(parents=True, exist_ok=True)
@@ -145,8 +156,9 @@ def main(argv=None) -> int:
     p.add_argument("--encoder", required=True, help="sepp checkpoint whose encoder mines (and scores) the pairs")
     p.add_argument("--config", default="demo")
     p.add_argument("--out", default="runs/precision_sweep")
-    p.add_argument("--precisions", type=lambda v: [float(x) for x in v.split(",")], default=[0.3, 0.5, 0.7, 0.9, 1.0],
-                   help="comma-separated oracle precisions (default 0.3,0.5,0.7,0.9,1.0)")
+    p.add_argument("--precisions", type=_points, default=[0.3, 0.5, 0.7, 0.9, 1.0],
+                   help="comma-separated oracle precisions, run in this order (default 0.3,0.5,0.7,0.9,1.0); the "
+                   "word 'mined' places the mined point in the order (default: last)")
     p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2],
                    help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--no-mined", action="store_true", help="skip the point with the encoder's mined pairs")
