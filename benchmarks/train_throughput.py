@@ -70,7 +70,7 @@ def main():
 
     from sepp.config import load_config, resolve
     from sepp.data.datasets import build_dataset
-    from sepp.engine.optim import build_optimizer
+    from sepp.methods.optim import build_optimizer
     from sepp.engine.trainer import build_model, build_train_loader, scaled_lr, train_step
 
     cfg = resolve(load_config(args.config, [f"device={args.device}", f"model.backbone={args.backbone}",

@@ -16,7 +16,7 @@ from sepp.config import load_config
 from sepp.data.datasets import build_dataset
 from sepp.data.transforms import eval_transform
 from sepp.engine.checkpoint import load_trained
-from sepp.engine.distributed import init_distributed
+from sepp.distributed import init_distributed
 from sepp.engine.trainer import pretrain
 from sepp.errors import SeppError
 from sepp.mining.run import mine_pairs

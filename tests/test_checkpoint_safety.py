@@ -17,7 +17,7 @@ from sepp.config import load_config, resolve, to_yaml
 from sepp.engine.checkpoint import FORMAT, config_from_checkpoint, load_checkpoint, save_checkpoint
 from sepp.engine.trainer import pretrain
 from sepp.errors import SeppError
-from sepp.mining.pairs import Pairs, save_pairs
+from sepp.data.pairs import Pairs, save_pairs
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*md5.*:UserWarning")
 
@@ -91,9 +91,9 @@ def test_saved_checkpoint_is_plain_data_and_round_trips(tmp_path):
     assert to_yaml(restored) == to_yaml(resolve(load_config(
         "cifar10_simclr", ["device=cpu", "model.backbone=resnet18_narrow", "simclr.proj_hidden_dim=16"])))
     p = ckpt["pairs"]
-    assert p["i"].dtype == np.int64 and p["i"].tolist() == [0, 5] and p["j"].tolist() == [3, 1]
-    assert p["sim"].dtype == np.float32 and np.array_equal(p["sim"], pairs.sim)
-    assert p["meta"] == {"k": 2, "threshold": 0.5, "name": "cifar10", "mined_at_epoch": 3}
+    assert isinstance(p, Pairs) and p.i.dtype == np.int64 and p.i.tolist() == [0, 5] and p.j.tolist() == [3, 1]
+    assert p.sim.dtype == np.float32 and np.array_equal(p.sim, pairs.sim)
+    assert p.meta == {"k": 2, "threshold": 0.5, "name": "cifar10", "mined_at_epoch": 3}
     fresh = torch.optim.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.1, momentum=0.9)
     fresh.load_state_dict(ckpt["optimizer"])
     assert torch.equal(fresh.state_dict()["state"][0]["momentum_buffer"],
@@ -165,8 +165,8 @@ def test_resume_restores_remined_pairs_bit_exactly(cifar_root, tmp_path):
     ds = build_dataset(cfg0.data, split=cfg0.data.split)
     pair_file = tmp_path / "pairs.npz"
     rng = np.random.default_rng(0)
-    save_pairs(pair_file, rng.integers(0, 64, 20), rng.integers(0, 64, 20), np.ones(20, np.float32),
-               {"name": ds.name, "split": ds.split, "num_images": len(ds), "fingerprint": ds.fingerprint()})
+    save_pairs(pair_file, Pairs(rng.integers(0, 64, 20), rng.integers(0, 64, 20), np.ones(20, np.float32),
+                                {"name": ds.name, "split": ds.split, "num_images": len(ds), "fingerprint": ds.fingerprint()}))
 
     def cfg(out, **extra):
         return load_config("cifar10_simclr", tiny_overrides(
@@ -179,11 +179,11 @@ def test_resume_restores_remined_pairs_bit_exactly(cifar_root, tmp_path):
     pretrain(cfg(tmp_path / "split", **{"train.resume": "true"}), progress=False)
     a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
     assert a["epoch"] == b["epoch"] == 4 and a["step"] == b["step"]
-    meta_a, meta_b = ({k: v for k, v in c["pairs"]["meta"].items() if k != "encoder"} for c in (a, b))
+    meta_a, meta_b = ({k: v for k, v in c["pairs"].meta.items() if k != "encoder"} for c in (a, b))
     assert meta_a["mined_at_epoch"] == 2 and meta_a == meta_b  # "encoder" names the run directory
     for key in ("i", "j", "sim"):
-        assert np.array_equal(a["pairs"][key], b["pairs"][key]), key
-    assert not np.array_equal(a["pairs"]["i"], np.load(pair_file)["i"])  # the re-mined pairs, not the file's
+        assert np.array_equal(getattr(a["pairs"], key), getattr(b["pairs"], key)), key
+    assert not np.array_equal(a["pairs"].i, np.load(pair_file)["i"])  # the re-mined pairs, not the file's
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from sepp.engine import distributed as D
+from sepp import distributed as D
 from sepp.methods.mocov2 import MoCoV2
 from sepp.methods.simclr import SimCLR
 

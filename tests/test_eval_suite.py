@@ -236,7 +236,7 @@ def test_mining_with_exported_state_dict_gives_the_checkpoints_pairs(run, cifar_
     from sepp.cli import main
     from sepp.engine.checkpoint import config_from_checkpoint, file_hash, load_checkpoint
     from sepp.engine.experiment import mine_checkpoint
-    from sepp.mining.pairs import load_pairs
+    from sepp.data.pairs import load_pairs
 
     ckpt = run["checkpoint"]
     exported = tmp_path / "backbone.pt"

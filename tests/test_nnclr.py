@@ -146,7 +146,7 @@ def test_short_training_beats_initialisation_by_5_points(cifar_root, tmp_path_fa
 def test_trains_with_semantic_pairs(cifar_root, tmp_path_factory, tmp_path):
     from sepp.engine.trainer import pretrain
     from sepp.mining.encoder import encoder_config, mine_with_encoder
-    from sepp.mining.pairs import load_pairs
+    from sepp.data.pairs import load_pairs
 
     run = pretrained_nnclr(cifar_root, tmp_path_factory)
     cfg = encoder_config(run["checkpoint"], None, ["mine.k=1", "device=cpu", f"data.root={cifar_root}"])

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from sepp.engine.optim import LARS, build_optimizer, lr_at, set_lr
+from sepp.methods.optim import LARS, build_optimizer, lr_at, set_lr
 
 
 def test_schedule_hand_values():

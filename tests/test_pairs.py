@@ -13,10 +13,11 @@ from PIL import Image
 from torch import nn
 
 from sepp.errors import SeppError
-from sepp.mining.pairs import Pairs, check_pairs_match, load_pairs, save_pairs, select_pairs
+from sepp.data.pairs import Pairs, check_pairs_match, load_pairs, save_pairs
+from sepp.mining.pairs import select_pairs
 from sepp.mining.run import mine_pairs
 from sepp.mining.stats import mining_stats
-from sepp.report.mining_plots import pairs_gallery, similarity_hist
+from sepp.mining.plots import pairs_gallery, similarity_hist
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -59,7 +60,7 @@ META = {"name": "cifar10", "split": "train", "num_images": 10, "fingerprint": "a
 
 def test_pair_file_round_trip(tmp_path):
     path = tmp_path / "sub" / "pairs.npz"
-    save_pairs(path, [0, 3, 9], [1, 2, 0], [0.9, 0.8, 0.75], META)
+    save_pairs(path, Pairs([0, 3, 9], [1, 2, 0], [0.9, 0.8, 0.75], META))
     p = load_pairs(path)
     assert isinstance(p, Pairs) and len(p) == 3 and p.meta == META and p.path == str(path)
     assert p.i.tolist() == [0, 3, 9] and p.j.tolist() == [1, 2, 0]
@@ -70,7 +71,7 @@ def test_pair_file_round_trip(tmp_path):
 
 
 def test_pair_file_mismatch_errors(tmp_path):
-    save_pairs(tmp_path / "p.npz", [0], [5], [0.9], META)
+    save_pairs(tmp_path / "p.npz", Pairs([0], [5], [0.9], META))
     p = load_pairs(tmp_path / "p.npz")
     with pytest.raises(SeppError, match=r"num_images 10 != 5.*re-run `sepp mine` for this dataset/subset"):
         check_pairs_match(p, name="cifar10", split="train", num_images=5, fingerprint="abc123")
@@ -78,7 +79,7 @@ def test_pair_file_mismatch_errors(tmp_path):
         check_pairs_match(p, name="cifar100", split="train", num_images=10, fingerprint="x")
     with pytest.raises(SeppError, match="split 'train' != 'test'"):
         check_pairs_match(p, name="cifar10", split="test", num_images=10, fingerprint="abc123")
-    save_pairs(tmp_path / "bad.npz", [0], [12], [0.9], META)
+    save_pairs(tmp_path / "bad.npz", Pairs([0], [12], [0.9], META))
     with pytest.raises(SeppError, match="outside"):
         check_pairs_match(load_pairs(tmp_path / "bad.npz"), name="cifar10", split="train", num_images=10,
                           fingerprint="abc123")
@@ -101,7 +102,7 @@ def test_pair_file_missing_or_corrupt(tmp_path):
 
 def test_pair_file_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "pairs.npz"
-    save_pairs(path, [0], [1], [0.9], META)
+    save_pairs(path, Pairs([0], [1], [0.9], META))
     before = path.read_bytes()
 
     def crash(f, **arrays):
@@ -110,7 +111,7 @@ def test_pair_file_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(np, "savez", crash)
     with pytest.raises(OSError, match="disk full"):
-        save_pairs(path, [0, 1], [1, 0], [0.9, 0.9], META)
+        save_pairs(path, Pairs([0, 1], [1, 0], [0.9, 0.9], META))
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["pairs.npz"]
 
 

@@ -21,7 +21,7 @@ import yaml
 
 from sepp.cli import main as cli
 from sepp.config import PACKAGE_CONFIGS, build_config, load_config, resolve
-from sepp.engine.optim import build_optimizer, lr_at, schedule_steps
+from sepp.methods.optim import build_optimizer, lr_at, schedule_steps
 from sepp.engine.trainer import build_model, scaled_lr, train_step
 from sepp.methods import METHODS, build_method, hyperparameter_defaults
 from sepp.models.backbones import build_backbone

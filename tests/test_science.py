@@ -31,7 +31,8 @@ from sepp.methods.mocov2 import MoCoV2
 from sepp.methods.simclr import SimCLR
 from sepp.methods.simsiam import SimSiam
 from sepp.mining.oracle import nearest_same_class, random_partners
-from sepp.mining.pairs import load_pairs, select_pairs
+from sepp.data.pairs import load_pairs
+from sepp.mining.pairs import select_pairs
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*md5.*:UserWarning")
 

@@ -18,7 +18,7 @@ from sepp.data.sampling import epoch_plan, shard
 from sepp.engine import trainer as trainer_mod
 from sepp.engine.trainer import pretrain
 from sepp.errors import SeppError
-from sepp.mining.pairs import load_pairs
+from sepp.data.pairs import load_pairs
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*md5.*:UserWarning")
 

@@ -211,7 +211,7 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    from .engine import distributed as dist_utils
+    from . import distributed as dist_utils
     from .engine.trainer import Interrupted
 
     try:

@@ -117,7 +117,7 @@ class TrainConfig:
     min_lr: float = 0.0
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    # LARS (train.optimizer=lars, sepp.engine.optim.LARS): trust coefficient and solo-learn's clip_lr
+    # LARS (train.optimizer=lars, sepp.methods.optim.LARS): trust coefficient and solo-learn's clip_lr
     # (per-layer rate min(eta * trust, lr) instead of lr * eta * trust). Defaults: plain LARS as SimCLR/BYOL
     # use it on ImageNet; the CIFAR configs set solo-learn's 0.02 / true
     lars_eta: float = 0.001

@@ -8,24 +8,23 @@ bool, None, lists, dicts): the config as YAML text, the semantic pairs as tensor
 text. It is opened with ``torch.load(..., weights_only=True)``, which refuses any other pickled object
 instead of constructing it, so a shared checkpoint cannot execute code. Loading maps to CPU, strips the
 ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes and returns the config as a plain dict and the
-pairs as numpy arrays. ``sepp-checkpoint/1`` files (config as a dict, pairs as numpy arrays) open as well
+pairs as a :class:`sepp.data.pairs.Pairs`. ``sepp-checkpoint/1`` files (config as a dict, pairs as a :class:`sepp.data.pairs.Pairs`) open as well
 when they hold only tensors and plain values (runs without semantic pairs); those with numpy pairs are
 refused with one line.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickle
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from ..config import build_config, parse_overrides, resolve, to_yaml
+from ..data.pairs import Pairs
 from ..errors import SeppError
 from ..fileio import atomic_write
 
@@ -58,11 +57,7 @@ def save_checkpoint(path, method, optimizer, cfg, epoch: int, step: int, pairs=N
         "step": int(step),
         "batch_in_epoch": int(batch_in_epoch),
         "config": to_yaml(cfg),
-        "pairs": None if pairs is None else {
-            "i": torch.as_tensor(np.asarray(pairs.i, dtype=np.int64)),
-            "j": torch.as_tensor(np.asarray(pairs.j, dtype=np.int64)),
-            "sim": torch.as_tensor(np.asarray(pairs.sim, dtype=np.float32)),
-            "meta": json.dumps(dict(pairs.meta), sort_keys=True, default=_json_scalar)},
+        "pairs": None if pairs is None else pairs.to_state(),
         "torch": str(torch.__version__),  # a plain str (torch.__version__ is a TorchVersion object)
     }
     _check_plain(payload, "checkpoint")  # fail now, not when the run is resumed
@@ -84,12 +79,6 @@ def _check_plain(obj, where: str) -> None:
     elif type(obj) not in _PLAIN and not isinstance(obj, torch.Tensor):
         raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; checkpoints hold only "
                         "tensors and plain values (str, int, float, bool, None, list, tuple, dict)")
-
-
-def _json_scalar(value):
-    if isinstance(value, np.generic):  # numpy scalars in pair meta: store their Python value
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -124,10 +113,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             raise TypeError("config")
         ckpt["config"] = config
         if ckpt.get("pairs") is not None:
-            p = ckpt["pairs"]
-            meta = json.loads(p["meta"]) if isinstance(p["meta"], str) else dict(p["meta"])
-            ckpt["pairs"] = {"i": np.asarray(p["i"], dtype=np.int64), "j": np.asarray(p["j"], dtype=np.int64),
-                             "sim": np.asarray(p["sim"], dtype=np.float32), "meta": meta}
+            ckpt["pairs"] = Pairs.from_state(ckpt["pairs"])
     except Exception as exc:
         raise SeppError(f"{path} is marked {marker} but its contents are damaged ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else 'missing entry'}); use another "

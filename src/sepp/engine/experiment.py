@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import resolve
 from ..eval.stats import SCORES, format_difference, format_mean_std, paired_difference, summarize
-from . import distributed as dist_utils
+from sepp import distributed as dist_utils
 from .trainer import pretrain
 
 
@@ -234,7 +234,7 @@ def pair_cosine(backbone, cfg: DictConfig, pairs_path: Path, seed: int = 0) -> d
     training images) over the pairs, and over as many random image pairs for reference."""
     import numpy as np
 
-    from ..mining.pairs import load_pairs
+    from ..data.pairs import load_pairs
     from .trainer import eval_data, features
 
     pairs = load_pairs(pairs_path)

@@ -13,7 +13,6 @@ import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -23,9 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import resolve, to_yaml
 from ..errors import SeppError
 from ..fileio import require_shared_dir
-from . import distributed as dist_utils
+from sepp import distributed as dist_utils
 from .checkpoint import load_checkpoint, save_checkpoint
-from .optim import build_optimizer, lr_at, schedule_steps, set_lr
+from sepp.methods.optim import build_optimizer, lr_at, schedule_steps, set_lr
 
 METRIC_COLUMNS = ["epoch", "step", "loss", "lr", "samples_per_s", "epoch_seconds", "knn_top1",
                   "pairs", "pair_precision", "pair_coverage", "nn_agreement"]
@@ -129,7 +128,7 @@ def build_model(cfg, device, world):
 
 
 def load_pairs_for(cfg, dataset):
-    from ..mining.pairs import check_pairs_match, load_pairs
+    from ..data.pairs import check_pairs_match, load_pairs
 
     pairs = load_pairs(cfg.sepp.pairs)
     check_pairs_match(pairs, name=dataset.name, split=dataset.split, num_images=len(dataset),
@@ -296,8 +295,8 @@ def pretrain(cfg: DictConfig, progress: bool = True, init_state: Optional[dict] 
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, start_batch, step = ckpt["epoch"], ckpt.get("batch_in_epoch", 0), ckpt["step"]
         if ckpt.get("pairs") is not None:  # the pairs in use (re-mined ones included) live in the checkpoint
-            pairs_obj = SimpleNamespace(**ckpt["pairs"])
-            mined_epoch = ckpt["pairs"]["meta"].get("mined_at_epoch")
+            pairs_obj = ckpt["pairs"]
+            mined_epoch = pairs_obj.meta.get("mined_at_epoch")
         if main:
             where = f"epoch {start_epoch}" + (f", batch {start_batch}" if start_batch else "")
             print(f"resuming {out} from {where} (step {step})", flush=True)
@@ -481,7 +480,7 @@ def encoder_for(method, features: str):
 def remine(method, cfg, dataset, device, epoch):
     """Refresh the semantic pairs from the model being trained (beyond the paper: ``sepp.remine_every``)."""
     from ..data.transforms import eval_transform
-    from ..mining.pairs import load_pairs
+    from ..data.pairs import load_pairs
     from ..mining.run import mine_pairs
 
     out_dir = Path(cfg.out) / "remine" / f"epoch_{epoch:04d}"

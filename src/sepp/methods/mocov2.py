@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sepp.engine import distributed as D
+from sepp import distributed as D
 from sepp.errors import SeppError
 from sepp.methods.known import KnownPositives
 from sepp.methods.losses import info_nce

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sepp.engine import distributed as D
+from sepp import distributed as D
 from sepp.methods.losses import predictive_views
 from sepp.methods.queue import MemoryQueue
 from sepp.models.heads import mlp

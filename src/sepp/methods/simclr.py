@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from sepp.engine import distributed as D
+from sepp import distributed as D
 from sepp.methods.known import KnownPositives
 from sepp.methods.losses import nt_xent_views
 from sepp.models.heads import mlp

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from sepp import distributed as D
 from sepp.fileio import atomic_write
 from sepp.mining.embed import embed
 from sepp.mining.oracle import diagnostic_line, nearest_same_class, random_partners
-from sepp.mining.pairs import save_pairs, select_pairs
-from sepp.mining.search import resolve_precision, topk, world_info
+from sepp.data.pairs import Pairs, save_pairs
+from sepp.mining.pairs import select_pairs
+from sepp.mining.search import resolve_precision, topk
 from sepp.mining.stats import mining_stats, pair_correct
 
 
@@ -42,7 +43,7 @@ def mine_pairs(encoder: nn.Module, dataset, *, k: int, threshold: float, mutual:
     ("nearest" | "random", see :mod:`sepp.mining.oracle`) builds DIAGNOSTIC pairs from the labels instead
     (threshold, mutual and rank_from do not apply); their files say so first.
     """
-    rank, world = world_info()
+    rank, world = D.get_rank(), D.get_world_size()
     device = torch.device(device)
     out_dir = Path(out_dir)
     if rank == 0:
@@ -82,17 +83,17 @@ def mine_pairs(encoder: nn.Module, dataset, *, k: int, threshold: float, mutual:
     stats["timings"] = {"embed_s": t1 - t0, "search_s": t2 - t1}
 
     if rank == 0:
-        save_pairs(out_dir / "pairs.npz", i, j, s, {**meta, **settings})
+        save_pairs(out_dir / "pairs.npz", Pairs(i, j, s, {**meta, **settings}))
         _write_json(out_dir / "mining.json", stats)
         if plots:
             _plots(dataset, i, j, s, labels, classes, out_dir)
     if world > 1:
-        dist.barrier()  # files exist before any rank moves on to training
+        D.barrier()  # files exist before any rank moves on to training
     return stats
 
 
 def _plots(dataset, i, j, s, labels, classes, out_dir: Path) -> None:
-    from sepp.report.mining_plots import pairs_gallery, similarity_hist
+    from sepp.mining.plots import pairs_gallery, similarity_hist
 
     def get_image(t: int) -> np.ndarray:
         return np.asarray(dataset.load_image(t).convert("RGB"))

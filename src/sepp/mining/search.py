@@ -16,7 +16,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from sepp.errors import SeppError
@@ -349,9 +348,3 @@ def topk(emb, k: int, backend: str = "exact", *, chunk_size: int = 4096, device:
         return topk_faiss(emb, k, nlist, nprobe, use_gpu, exclude_self, rank=rank, world=world)
     raise SeppError(f"mine.backend={backend!r} is not one of {', '.join(BACKENDS)}")
 
-
-def world_info() -> tuple[int, int]:
-    """(rank, world) of the initialised process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1

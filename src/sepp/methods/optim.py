@@ -21,6 +21,8 @@ import math
 import torch
 from torch import nn
 
+OPTIMIZERS = ("sgd", "lars")  # train.optimizer
+
 
 class LARS(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
