@@ -23,8 +23,8 @@ def main():
 
     from sepp.data.datasets import build_dataset
     from sepp.data.transforms import eval_transform
-    from sepp.engine.checkpoint import load_trained
-    from sepp.engine.trainer import encoder_for
+    from sepp.methods.checkpoint import load_trained
+    from sepp.mining.from_model import encoder_for
     from sepp.mining.embed import embed
     from sepp.mining.pairs import select_pairs
     from sepp.mining.search import topk_exact

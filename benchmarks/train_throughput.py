@@ -46,7 +46,7 @@ def measure(step_fn, batches, device, warmup: int, steps: int) -> float:
 def forever(loader):
     epoch = 0
     while True:
-        from sepp.engine.trainer import set_epoch
+        from sepp.engine.setup import set_epoch
 
         set_epoch(loader, epoch, 0)
         yield from loader
@@ -68,10 +68,11 @@ def main():
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
-    from sepp.config import load_config, resolve
+    from sepp.config import load_config
     from sepp.data.datasets import build_dataset
     from sepp.methods.optim import build_optimizer
-    from sepp.engine.trainer import build_model, build_train_loader, scaled_lr, train_step
+    from sepp.engine.setup import build_model, build_train_loader, resolve, scaled_lr
+    from sepp.engine.trainer import train_step
 
     cfg = resolve(load_config(args.config, [f"device={args.device}", f"model.backbone={args.backbone}",
                                             f"train.batch_size={args.batch}", f"data.subset={args.subset}",

@@ -15,7 +15,7 @@ import torch
 from sepp.config import load_config
 from sepp.data.datasets import build_dataset
 from sepp.data.transforms import eval_transform
-from sepp.engine.checkpoint import load_trained
+from sepp.methods.checkpoint import load_trained
 from sepp.distributed import init_distributed
 from sepp.engine.trainer import pretrain
 from sepp.errors import SeppError

@@ -33,8 +33,10 @@ def pretrained_nnclr(root, tmp_path_factory) -> dict:
     if key not in _CACHE:
         import csv
 
-        from sepp.config import load_config, resolve
-        from sepp.engine.trainer import knn_eval, pretrain
+        from sepp.config import load_config
+        from sepp.engine.setup import resolve
+        from sepp.eval.knn import knn_eval
+        from sepp.engine.trainer import pretrain
         from sepp.methods import build_method
 
         out = tmp_path_factory.mktemp("nnclr_run")

@@ -13,8 +13,9 @@ from omegaconf import OmegaConf
 
 from conftest import tiny_overrides
 from sepp.cli import main as cli
-from sepp.config import load_config, resolve, to_yaml
-from sepp.engine.checkpoint import FORMAT, config_from_checkpoint, load_checkpoint, save_checkpoint
+from sepp.config import load_config, to_yaml
+from sepp.methods import resolve
+from sepp.methods.checkpoint import FORMAT, config_from_checkpoint, load_checkpoint, save_checkpoint
 from sepp.engine.trainer import pretrain
 from sepp.errors import SeppError
 from sepp.data.pairs import Pairs, save_pairs

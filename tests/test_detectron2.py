@@ -9,13 +9,14 @@ import torch
 from omegaconf import OmegaConf
 
 from sepp.cli import main
-from sepp.config import load_config, resolve
-from sepp.engine.checkpoint import FORMAT
+from sepp.config import load_config
+from sepp.engine.setup import resolve
+from sepp.methods.checkpoint import FORMAT
 from sepp.errors import SeppError
 from sepp.methods import build_method
 from sepp.models.backbones import torchvision_resnet
 from sepp.models.detectron2 import from_detectron2, to_detectron2
-from sepp.models.export import export_backbone, load_exported
+from sepp.methods.export import export_backbone, load_exported
 
 # Detectron2's ResNet (detectron2/modeling/backbone/resnet.py): block type and blocks per stage res2..res5;
 # BasicBlock has conv1, conv2; BottleneckBlock conv1..conv3; a stage's first block has a `shortcut` when its

@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 
 import sepp.eval.knn as knn_mod
 from sepp.errors import SeppError
-from sepp.eval.features import extract_features
+from sepp.models.features import extract_features
 from sepp.eval.knn import evaluate_knn, knn_predict, knn_top1
 from sepp.eval.linear import train_linear, train_linear_augmented
 from sepp.report.curves import plot_curves, read_metrics, series

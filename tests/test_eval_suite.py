@@ -170,16 +170,15 @@ def test_finetuning_on_10_percent_beats_training_from_scratch(run):
     """SimCLR's protocol (Nesterov SGD, no weight decay, crop + flip) on a class-balanced 10 % of the labels:
     the pretrained encoder beats the same network from random weights after the same optimizer steps."""
     from sepp.data.transforms import linear_train_transform
-    from sepp.engine.checkpoint import load_trained
-    from sepp.engine.trainer import eval_data
-    from sepp.eval.finetune import eval_input
+    from sepp.methods.checkpoint import load_trained
+    from sepp.eval.data import eval_data, eval_input
 
     method, cfg, _ = load_trained(run["checkpoint"], ["device=cpu", "data.workers=0"])
     train = eval_data(cfg, "train", SUBSET)
     idx = label_subset(train.labels, 0.1, seed=0)
     assert len(idx) == SUBSET // 10
     aug = torch.utils.data.Subset(train.with_transform(linear_train_transform(32, "cifar10")), idx.tolist())
-    test_data, normalize = eval_input(eval_data(cfg, "test", EVAL_SUBSET), cfg)
+    test_data, normalize = eval_input(eval_data(cfg, "test", EVAL_SUBSET), 32, "cifar10")
     common = dict(epochs=10, lr=0.05, batch_size=64, normalize=normalize, seed=0)
     pre = finetune(method.backbone, aug, test_data, 10, **common)
     base = finetune(_scratch_backbone(cfg), aug, test_data, 10, **common)
@@ -213,7 +212,7 @@ def test_transfer_to_imagenette_beats_a_random_network(run, imagenette_root, tmp
     """CIFAR-10-pretrained encoder, frozen, on Imagenette (resized to its 32 px): the logistic regression on
     its features beats the same on a randomly initialised network's features."""
     from sepp.cli import main
-    from sepp.engine.checkpoint import load_trained
+    from sepp.methods.checkpoint import load_trained
     from sepp.eval.transfer import transfer_features
 
     overrides = ["device=cpu", "transfer.data.name=imagenette", f"transfer.data.root={imagenette_root}",
@@ -234,8 +233,8 @@ def test_transfer_to_imagenette_beats_a_random_network(run, imagenette_root, tmp
 @pytest.mark.filterwarnings("ignore:.*md5.*:UserWarning")
 def test_mining_with_exported_state_dict_gives_the_checkpoints_pairs(run, cifar_root, tmp_path):
     from sepp.cli import main
-    from sepp.engine.checkpoint import config_from_checkpoint, file_hash, load_checkpoint
-    from sepp.engine.experiment import mine_checkpoint
+    from sepp.methods.checkpoint import config_from_checkpoint, file_hash, load_checkpoint
+    from sepp.mining.from_model import mine_checkpoint
     from sepp.data.pairs import load_pairs
 
     ckpt = run["checkpoint"]

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from sepp.config import load_config, resolve
-from sepp.engine.trainer import knn_eval, pretrain
+from sepp.config import load_config
+from sepp.engine.setup import resolve
+from sepp.eval.knn import knn_eval
+from sepp.engine.trainer import pretrain
 from sepp.methods import build_method
 
 

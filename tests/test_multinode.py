@@ -20,7 +20,7 @@ import torch
 
 from conftest import tiny_overrides
 from multinode_worker import mine
-from sepp.engine.checkpoint import load_checkpoint
+from sepp.methods.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*md5.*:UserWarning")
 

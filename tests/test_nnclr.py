@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from nnclr_run import SUBSET, nnclr_overrides, pretrained_nnclr
-from sepp.config import load_config, resolve
+from sepp.config import load_config
+from sepp.engine.setup import resolve
 from sepp.methods import METHODS, build_method
 from sepp.methods.nnclr import NNCLR, nearest_neighbour, nnclr_loss
 

@@ -20,9 +20,11 @@ import torch.nn.functional as F
 import yaml
 
 from sepp.cli import main as cli
-from sepp.config import PACKAGE_CONFIGS, build_config, load_config, resolve
+from sepp.config import PACKAGE_CONFIGS, build_config, load_config
+from sepp.engine.setup import resolve
 from sepp.methods.optim import build_optimizer, lr_at, schedule_steps
-from sepp.engine.trainer import build_model, scaled_lr, train_step
+from sepp.engine.setup import build_model, scaled_lr
+from sepp.engine.trainer import train_step
 from sepp.methods import METHODS, build_method, hyperparameter_defaults
 from sepp.models.backbones import build_backbone
 

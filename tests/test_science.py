@@ -15,12 +15,13 @@ from hypothesis import strategies as st
 
 from conftest import tiny_overrides
 from sepp.cli import main as cli
-from sepp.config import load_config, resolve
+from sepp.config import load_config
+from sepp.engine.setup import resolve
 from sepp.data.device_loader import DeviceLoader
 from sepp.data.loader import TwoViewDataset
 from sepp.data.sampling import epoch_plan
 from sepp.engine.experiment import _phase_cfg
-from sepp.engine.trainer import lr_schedule
+from sepp.engine.setup import lr_schedule
 from sepp.errors import SeppError
 from sepp.eval.stats import paired_difference, summarize, t975
 from sepp.methods.byol import BYOL
@@ -188,7 +189,7 @@ def test_batch_positives_arms_without_pairs_only_mask(tmp_path):
     arm = _phase_cfg(cfg, tmp_path / "sepp", 1, **{"sepp.pairs": "pairs.npz"})
     assert arm.sepp.batch_positives
     with pytest.raises(SeppError, match="batch_positives"):
-        load_config("demo", ["method=byol", "sepp.batch_positives=true"])
+        resolve(load_config("demo", ["method=byol", "sepp.batch_positives=true", "device=cpu"]))
 
 
 @pytest.mark.parametrize("cls,kw", [(SimCLR, {"proj_hidden_dim": 8, "proj_dim": 4}),

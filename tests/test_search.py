@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sepp.errors import SeppError
-from sepp.mining.embed import embed, shard_range, uint8_normalizer
+from sepp.data.transforms import uint8_normalizer
+from sepp.mining.embed import embed, shard_range
 from sepp.mining import search
 from sepp.mining.search import sort_key, topk, topk_exact, topk_faiss
 

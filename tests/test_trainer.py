@@ -19,7 +19,7 @@ from conftest import tiny_overrides
 from sepp.cli import main as cli
 from sepp.config import load_config
 from sepp.engine import trainer as trainer_mod
-from sepp.engine.checkpoint import atomic_save, load_checkpoint
+from sepp.methods.checkpoint import atomic_save, load_checkpoint
 from sepp.engine.trainer import pretrain
 from sepp.errors import SeppError
 
@@ -104,7 +104,7 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     atomic_save({"version": 0, "blob": torch.zeros(10)}, path)
     code = (
         "import sys, torch\n"
-        "from sepp.engine.checkpoint import atomic_save\n"
+        "from sepp.methods.checkpoint import atomic_save\n"
         "big = torch.randn(64, 1024, 1024)\n"  # 256 MB: the write takes long enough to be killed inside
         "print('ready', flush=True)\n"
         "v = 1\n"
@@ -154,7 +154,7 @@ def test_export_loads_into_plain_torchvision_resnet(cifar_root, tmp_path):
     plain.maxpool = torch.nn.Identity()
     plain.fc = torch.nn.Identity()
     plain.load_state_dict(torch.load(out, weights_only=True), strict=True)
-    from sepp.engine.checkpoint import load_trained
+    from sepp.methods.checkpoint import load_trained
 
     method, _, _ = load_trained(tmp_path / "last.pt", ["device=cpu"])
     x = torch.randn(2, 3, 32, 32)

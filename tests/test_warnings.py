@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -78,3 +79,24 @@ def test_the_cli_prints_other_libraries_warnings_as_one_line_too():
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: UserWarning from "), proc.stderr
     assert lines[0].endswith("a library notice over two lines") and "warnings.warn(" not in proc.stderr
+
+
+def test_a_demo_log_has_no_python_source_lines(cifar_root, tmp_path):
+    """`sepp demo` at toy size, as a user runs it (a fresh process, every phase: pretraining, mining with its
+    pictures, SePP training, evaluation, report): every line of its output is sepp's own, none is a
+    warning's ``file.py:N: Category`` header or the source line Python prints under it."""
+    from conftest import tiny_overrides
+
+    args = ["demo", *tiny_overrides(cifar_root, tmp_path / "demo", method="simclr", subset=64, batch=16),
+            "run.baseline_epochs=1", "run.sepp_epochs=1", "mine.k=2", "eval.linear_epochs=2", "run.seeds=[]"]
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "RANK")}
+    proc = subprocess.run([sys.executable, "-m", "sepp.cli", *args], capture_output=True, text=True, env=clean,
+                          timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-2000:]
+    assert "md5" in log  # the modified-CIFAR notice was printed (once) ...
+    assert log.count("loading anyway") == 1
+    for line in log.splitlines():  # ... and nothing Python-formatted came with it or anything else
+        assert not re.search(r"\.py:\d+: \w*(Warning|Error)", line), line
+        assert not re.match(r"\s+(warnings\.warn|warn_once|raise |return |import |from \w+ import )", line), line
+        assert "Traceback" not in line, line

@@ -25,7 +25,8 @@ def _print_config(args) -> bool:
     """``--print-config``: print the resolved configuration (what config.yaml would hold) and stop."""
     if not getattr(args, "print_config", False):
         return False
-    from .config import load_config, resolve, to_yaml
+    from .config import load_config, to_yaml
+    from .engine.setup import resolve
 
     print(to_yaml(resolve(load_config(args.config, args.overrides))), end="")
     return True
@@ -79,7 +80,7 @@ def _eval_more(args):
 
 
 def _export(args):
-    from .models.export import export_backbone
+    from .methods.export import export_backbone
 
     info = export_backbone(args.checkpoint, args.out, format=args.format)
     print(f"wrote {args.out} ({info['arch']}, cifar_stem={info['cifar_stem']}, {args.format}) and {args.out}.json")
@@ -87,9 +88,10 @@ def _export(args):
 
 def _mine_encoder(args):
     """`sepp mine --encoder FILE`: a sepp checkpoint, a `sepp export` output or a torchvision state_dict."""
+    from .engine.setup import resolve
     from .mining.encoder import encoder_config, mine_with_encoder
 
-    cfg = encoder_config(args.encoder, args.config, args.overrides)
+    cfg = resolve(encoder_config(args.encoder, args.config, args.overrides))
     out = Path(cfg.mine.out) if cfg.mine.out else Path(args.encoder).parent / "mining"
     return mine_with_encoder(args.encoder, cfg, out, arch=args.arch, cifar_stem=args.cifar_stem), out
 
@@ -104,10 +106,11 @@ def _mine(args):
         print(f"pairs={stats['num_pairs']} coverage={stats['coverage']:.3f}"
               + (f" precision={prec:.3f}" if prec is not None else "") + f"  ({out / 'pairs.npz'})")
         return
-    from .engine.checkpoint import config_from_checkpoint, load_checkpoint
-    from .engine.experiment import mine_checkpoint
+    from .engine.setup import resolve
+    from .methods.checkpoint import config_from_checkpoint, load_checkpoint
+    from .mining.from_model import mine_checkpoint
 
-    cfg = config_from_checkpoint(load_checkpoint(args.checkpoint), args.overrides)
+    cfg = resolve(config_from_checkpoint(load_checkpoint(args.checkpoint), args.overrides))
     out = Path(cfg.mine.out) if cfg.mine.out else Path(args.checkpoint).parent / "mining"
     stats = mine_checkpoint(args.checkpoint, cfg, out)
     prec = stats.get("precision")
@@ -131,9 +134,10 @@ def _run(args, config=None):
 def _augment_grid(args):
     import torch
 
-    from .config import load_config, resolve
+    from .config import load_config
     from .data.datasets import build_dataset
     from .data.recipes import view_specs
+    from .engine.setup import resolve
     from .report.augment_grid import save_augment_grid
 
     cfg = resolve(load_config(args.config, args.overrides))

@@ -2,11 +2,13 @@
 
 Every key has a default here except the methods' hyperparameters: their one home is the method's constructor
 (``sepp.methods``, the papers' ImageNet values); a ``null`` in its section means "the constructor's value", and
-``resolve`` writes that value in, so ``config.yaml`` / ``--print-config`` show what runs. YAML files under
-``configs/`` set what differs per dataset and method (each shipped CIFAR config states its method's values). An
-unknown key, a value of the wrong type or a value outside its choices raises one :class:`SeppError` line
-naming the key and what is allowed. ``resolve`` fills the ``auto``/``null`` values that depend on others
-(image size, CIFAR stem, device, data root, workers).
+:func:`sepp.methods.resolve` writes that value in, so ``config.yaml`` / ``--print-config`` show what runs. YAML
+files under ``configs/`` set what differs per dataset and method (each shipped CIFAR config states its method's
+values). An unknown key, a value of the wrong type or a value outside its choices raises one :class:`SeppError`
+line naming the key and what is allowed. This module is ground: it imports nothing of sepp but ``errors``, so
+values that name a registry entry (a method, dataset, backbone, ...) are checked by the registry's own layer.
+:func:`fill_auto` fills the ``auto``/``null`` values that depend on the machine and the data (image size, CIFAR
+stem, device, data root, workers).
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ class ModelConfig:
 
 
 # Method sections: None = the constructor's default (sepp.methods.<name>, the paper's ImageNet value), filled in
-# by `resolve`; the shipped configs/cifar10_<method>.yaml give the CIFAR values with their sources.
+# by `sepp.methods.resolve`; the shipped configs/cifar10_<method>.yaml give the CIFAR values with their sources.
 
 @dataclass
 class MoCoV2Config:
@@ -263,25 +265,16 @@ class Config:
     transfer: TransferConfig = field(default_factory=TransferConfig)
 
 
+# Values this schema owns. Values that name an entry of a registry (method, dataset, backbone, pair mode,
+# optimizer, MoCo BN mode, mining backend/precision/oracle, linear protocol, embedding algorithm) are checked
+# against the registry itself by the layer that owns it (`sepp.methods.resolve`, `sepp.engine.setup.resolve`).
 CHOICES: dict[str, tuple[Any, ...]] = {
-    "method": ("mocov2", "simsiam", "simclr", "byol", "nnclr"),
-    "transfer.data.name": ("cifar10", "cifar100", "stl10", "imagenet", "imagenette", "imagefolder"),
     "transfer.metric": ("auto", "top1", "mean_per_class"),
-    "eval.embed_algorithm": ("auto", "umap", "tsne"),
     "device": ("auto", "cpu", "cuda"),
-    "data.name": ("cifar10", "cifar100", "stl10", "imagenet", "imagenette", "imagefolder"),
     "data.pipeline": ("auto", "device", "loader"),
-    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet18_narrow"),
-    "mocov2.bn": ("shuffle", "sync", "none"),
-    "eval.linear_protocol": ("standard", "fast"),
-    "train.optimizer": ("sgd", "lars"),
     "train.lr_scaling": ("linear", "none"),
     "train.amp": ("auto", "bf16", "fp32"),
     "mine.features": ("backbone", "projector"),
-    "mine.backend": ("exact", "faiss"),
-    "mine.precision": ("auto", "fp32", "bf16"),
-    "sepp.mode": ("enlarge", "substitute", "multi"),
-    "mine.oracle": ("none", "nearest", "random"),
     "train.views": (2, 3),
     "run.init": ("scratch", "baseline"),
     "run.budget": ("steps", "epochs"),
@@ -379,12 +372,7 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> DictConfig:
 
 
 def validate(cfg: DictConfig) -> None:
-    for key, choices in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is None and key.split(".")[0] in METHOD_SECTIONS:
-            continue  # the method constructor's default, filled in by resolve
-        if value not in choices:
-            raise SeppError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+    check_choices(cfg, CHOICES)
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise SeppError(f"{key} must be > 0 (got {OmegaConf.select(cfg, key)})")
@@ -395,12 +383,6 @@ def validate(cfg: DictConfig) -> None:
         raise SeppError(f"sepp.p must be in [0, 1] (got {cfg.sepp.p})")
     if not -1.0 <= cfg.mine.threshold <= 1.0:
         raise SeppError(f"mine.threshold is a cosine similarity and must be in [-1, 1] (got {cfg.mine.threshold})")
-    if cfg.sepp.batch_positives and cfg.method not in NEGATIVE_METHODS:
-        raise SeppError(f"sepp.batch_positives=true needs a method with negatives ({', '.join(NEGATIVE_METHODS)}); "
-                        f"{cfg.method} has none to turn into positives")
-    if cfg.sepp.mask_negatives and cfg.method not in NEGATIVE_METHODS:
-        raise SeppError(f"sepp.mask_negatives=true needs a method with negatives ({', '.join(NEGATIVE_METHODS)}); "
-                        f"{cfg.method} has none")
     bad = [e for e in cfg.run.evals if e not in RUN_EVALS]
     if bad:
         raise SeppError(f"run.evals has {bad[0]!r}; choose from: {', '.join(RUN_EVALS)}")
@@ -411,17 +393,23 @@ def validate(cfg: DictConfig) -> None:
                         "keep rank_from <= k")
 
 
+def check_choices(cfg: DictConfig, choices: dict[str, Any]) -> None:
+    """Raise one line for the first ``key`` whose value is not among ``choices[key]`` (any container of
+    allowed values: a tuple, or a registry's dict); ``null`` is left alone (a default filled in later)."""
+    for key, allowed in choices.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value not in allowed:
+            raise SeppError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, allowed))}")
+
+
 RUN_EVALS = ("knn", "linear", "finetune", "transfer", "embed_plot")  # what `sepp run` can evaluate
-NEGATIVE_METHODS = ("mocov2", "simclr")  # methods whose loss has negatives that sepp.mask_negatives can mask
-
-
 DEFAULT_SIZES = {"cifar10": 32, "cifar100": 32, "stl10": 96}
-METHOD_SECTIONS = ("mocov2", "simsiam", "simclr", "byol", "nnclr")  # sections whose null means "constructor's"
-SYNC_BN_METHODS = ("simclr", "simsiam", "byol")  # papers with global / synchronised BN across devices
 
 
-def resolve(cfg: DictConfig) -> DictConfig:
-    """A copy with every automatic value filled in (what gets saved as config.yaml)."""
+def fill_auto(cfg: DictConfig) -> DictConfig:
+    """A copy with the automatic values that depend on the machine and the data filled in (data root, image
+    size, CIFAR stem, device, workers, amp, views). The method's defaults and the registry-owned choices are
+    resolved a layer up: :func:`sepp.methods.resolve` (and :func:`sepp.engine.setup.resolve` for runs)."""
     import torch
 
     cfg = cfg.copy()
@@ -439,16 +427,6 @@ def resolve(cfg: DictConfig) -> DictConfig:
         cfg.data.workers = min(8, os.cpu_count() or 1)
     if cfg.train.amp == "auto":
         cfg.train.amp = "bf16" if cfg.device == "cuda" else "fp32"
-    if cfg.model.sync_bn is None:
-        cfg.model.sync_bn = cfg.method in SYNC_BN_METHODS and cfg.device == "cuda"
-    from .methods import METHODS, hyperparameter_defaults
-
-    for name in METHOD_SECTIONS:  # null -> the constructor's default, so config.yaml shows what runs
-        section = cfg.get(name)
-        if name in METHODS and section is not None:
-            for key, value in hyperparameter_defaults(METHODS[name]).items():
-                if key in section and section[key] is None:
-                    section[key] = value
     if cfg.sepp.mode == "multi" and cfg.sepp.pairs:
         cfg.train.views = 3  # the anchor's two views and one view of a semantic partner
     return cfg

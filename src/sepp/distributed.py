@@ -18,6 +18,11 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def is_initialized() -> bool:
+    """Whether a process group is running (torchrun with more than one process)."""
+    return _active()
+
+
 def init_distributed() -> tuple[int, int, int]:
     """Join the process group started by torchrun; returns ``(rank, world_size, local_rank)``.
 
@@ -121,3 +126,12 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: Any) -> list:
+    """The picklable ``obj`` of every process, in rank order (``[obj]`` in one process)."""
+    if not _active() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

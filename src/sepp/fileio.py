@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-import torch.distributed as dist
 
+from . import distributed as D
 from .errors import SeppError
 
 
@@ -40,22 +40,20 @@ def require_shared_dir(path: str | os.PathLike, what: str) -> None:
     """Under torch.distributed with several processes, fail on every rank (one line) unless all of them see
     the files rank 0 writes in ``path``: rank 0 writes checkpoints and pair files that the others read, and
     mining's embedding memmap is written by every rank into one file. A no-op in one process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if D.get_world_size() == 1:
         return
-    rank = dist.get_rank()
-    token = [secrets.token_hex(8) if rank == 0 else None]
-    dist.broadcast_object_list(token, src=0)
+    rank = D.get_rank()
+    token = D.broadcast_object(secrets.token_hex(8) if rank == 0 else None)
     path = Path(path)
-    probe = path / f".sepp_shared_{token[0]}"
+    probe = path / f".sepp_shared_{token}"
     if rank == 0:
         path.mkdir(parents=True, exist_ok=True)
-        probe.write_text(token[0])
-    dist.barrier()
+        probe.write_text(token)
+    D.barrier()
     deadline = time.monotonic() + SHARED_DIR_WAIT_S
     while not (seen := probe.name in _listdir(path)) and time.monotonic() < deadline:
         time.sleep(0.2)  # listing the folder revalidates a network filesystem's cache
-    flags = [None] * dist.get_world_size()
-    dist.all_gather_object(flags, seen)
+    flags = D.all_gather_object(seen)
     if rank == 0:
         probe.unlink()
     blind = [r for r, ok in enumerate(flags) if not ok]

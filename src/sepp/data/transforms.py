@@ -7,6 +7,8 @@ converting them to tensors anyway).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torchvision.transforms import v2
 
@@ -51,3 +53,15 @@ def linear_train_transform(size: int, dataset_name: str) -> v2.Compose:
     mean, std = mean_std(dataset_name)
     return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def uint8_normalizer(mean, std) -> Callable[[torch.Tensor], torch.Tensor]:
+    """[0, 1] float ``[B, 3, H, W]`` -> normalised, on the batch's device: the normalisation of uint8
+    tensor-resident images (``sepp.models.features.iter_features`` scales them to [0, 1] first)."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        return (x - m.to(x.device)) / s.to(x.device)
+
+    return normalize

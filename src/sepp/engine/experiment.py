@@ -21,12 +21,23 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import resolve
-from ..eval.stats import SCORES, format_difference, format_mean_std, paired_difference, summarize
 from sepp import distributed as dist_utils
+from sepp.data.sampling import steps_per_epoch
+from sepp.errors import SeppError
+from sepp.eval.embed_plot import embed_plot_checkpoints
+from sepp.eval.finetune import finetune_checkpoint
+from sepp.eval.pairs import pair_cosine
+from sepp.eval.run import knn_from_method, linear_from_method
+from sepp.eval.stats import SCORES, format_difference, format_mean_std, paired_difference, summarize
+from sepp.eval.transfer import transfer_checkpoint
+from sepp.methods.checkpoint import load_checkpoint, load_trained
+from sepp.mining.from_model import mine_checkpoint
+from sepp.report.curves import plot_curves
+from sepp.report.markdown import write_report
+
+from .setup import resolve
 from .trainer import pretrain
 
 
@@ -74,12 +85,11 @@ def _train(cfg: DictConfig, out: Path, progress: bool, init_state=None) -> dict:
 
 
 def _init_state(path: str):
-    from .checkpoint import load_checkpoint
-
     return load_checkpoint(path)["model"]
 
 
 def run_experiment(cfg: DictConfig, progress: bool = True) -> dict:
+    """The five phases of the module docstring; returns the results (also in ``results.json``)."""
     cfg = resolve(cfg)
     out = Path(cfg.out)
     if dist_utils.is_main():
@@ -87,28 +97,8 @@ def run_experiment(cfg: DictConfig, progress: bool = True) -> dict:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     seeds = [int(x) for x in cfg.run.seeds] or [int(cfg.seed)]
     seconds: dict = {}
-
-    # 1. baseline pretraining (mines the pairs), with cfg.seed
-    phase1 = None
-    if cfg.run.baseline_checkpoint:
-        phase1_ckpt = str(cfg.run.baseline_checkpoint)
-    else:
-        _log("phase 1/5: baseline pretraining")
-        phase1 = _train(_phase_cfg(cfg, out / "pretrain", cfg.run.baseline_epochs or cfg.train.epochs),
-                        out / "pretrain", progress)
-        phase1_ckpt = str(out / "pretrain" / "last.pt")
-        seconds["pretrain"] = phase1["seconds"]
-
-    # 2. mining (once; every seed trains with the same pairs)
-    _log("phase 2/5: mining semantic positive pairs" + (f" (DIAGNOSTIC: mine.oracle={cfg.mine.oracle})"
-                                                        if cfg.mine.oracle != "none" else ""))
-    mining = _done(out / "mining")
-    if mining is None:
-        t0 = time.time()
-        stats = mine_checkpoint(phase1_ckpt, cfg, out / "mining")
-        mining = _mark(out / "mining", {"stats": stats, "seconds": time.time() - t0})
-    seconds["mining"] = mining["seconds"]
-    stats = mining["stats"]
+    phase1, phase1_ckpt = _baseline_phase(cfg, out, progress, seconds)
+    stats = _mining_phase(cfg, out, phase1_ckpt, seconds)
 
     # 3.-5. per seed: SePP, the step-matched baseline, the compute-matched control; evaluation
     arms: dict[str, list[dict]] = {}
@@ -118,7 +108,40 @@ def run_experiment(cfg: DictConfig, progress: bool = True) -> dict:
             arms.setdefault(name, []).append(entry)
             seconds[name] = seconds.get(name, 0.0) + entry.pop("train_seconds")
     seconds["eval"] = sum(e["eval_seconds"] for runs in arms.values() for e in runs)
+    results = _results(cfg, out, seeds, arms, stats, phase1_ckpt, seconds)
+    if dist_utils.is_main():
+        _write_outputs(cfg, out, results, arms, stats)
+    dist_utils.barrier()
+    return results
 
+
+def _baseline_phase(cfg: DictConfig, out: Path, progress: bool, seconds: dict) -> tuple:
+    """1. baseline pretraining (mines the pairs), with cfg.seed; ``(summary or None, its checkpoint)``."""
+    if cfg.run.baseline_checkpoint:
+        return None, str(cfg.run.baseline_checkpoint)
+    _log("phase 1/5: baseline pretraining")
+    phase1 = _train(_phase_cfg(cfg, out / "pretrain", cfg.run.baseline_epochs or cfg.train.epochs),
+                    out / "pretrain", progress)
+    seconds["pretrain"] = phase1["seconds"]
+    return phase1, str(out / "pretrain" / "last.pt")
+
+
+def _mining_phase(cfg: DictConfig, out: Path, phase1_ckpt: str, seconds: dict) -> dict:
+    """2. mining (once; every seed trains with the same pairs); returns the mining statistics."""
+    _log("phase 2/5: mining semantic positive pairs" + (f" (DIAGNOSTIC: mine.oracle={cfg.mine.oracle})"
+                                                        if cfg.mine.oracle != "none" else ""))
+    mining = _done(out / "mining")
+    if mining is None:
+        t0 = time.time()
+        stats = mine_checkpoint(phase1_ckpt, cfg, out / "mining")
+        mining = _mark(out / "mining", {"stats": stats, "seconds": time.time() - t0})
+    seconds["mining"] = mining["seconds"]
+    return mining["stats"]
+
+
+def _results(cfg: DictConfig, out: Path, seeds: list, arms: dict, stats: dict, phase1_ckpt: str,
+             seconds: dict) -> dict:
+    """``results.json``: every arm over its seeds, the mining summary and the paired SePP differences."""
     results = {
         **({"diagnostic": stats["diagnostic"]} if stats.get("diagnostic") else {}),
         "dataset": cfg.data.name, "method": cfg.method, "backbone": cfg.model.backbone,
@@ -141,22 +164,21 @@ def run_experiment(cfg: DictConfig, progress: bool = True) -> dict:
                                                                       results[other][m]["values"])
                                                  for m in scored}
                              for other in ("baseline", "control") if other in results}
-    if dist_utils.is_main():
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        for name in ("pairs_gallery.png", "similarity_hist.png"):
-            if (out / "mining" / name).exists():
-                shutil.copyfile(out / "mining" / name, out / name)
-        from ..report.curves import plot_curves
-        from ..report.markdown import write_report
-
-        labels = {"sepp": "SePP", "baseline": "baseline", "control": "control (extra views)"}
-        plot_curves({labels[n]: [Path(e["dir"]) / "metrics.csv" for e in runs] for n, runs in arms.items()},
-                    out / "curves.png")
-        results["embed_plot"] = _embed_pictures(cfg, arms, out)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        write_report(out, results, stats, cfg)
-    dist_utils.barrier()
     return results
+
+
+def _write_outputs(cfg: DictConfig, out: Path, results: dict, arms: dict, stats: dict) -> None:
+    """results.json, the mining pictures, curves.png, embed.png and report.md (main process)."""
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    for name in ("pairs_gallery.png", "similarity_hist.png"):
+        if (out / "mining" / name).exists():
+            shutil.copyfile(out / "mining" / name, out / name)
+    labels = {"sepp": "SePP", "baseline": "baseline", "control": "control (extra views)"}
+    plot_curves({labels[n]: [Path(e["dir"]) / "metrics.csv" for e in runs] for n, runs in arms.items()},
+                out / "curves.png")
+    results["embed_plot"] = _embed_pictures(cfg, arms, out)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_report(out, results, stats, cfg)
 
 
 def _seed_arms(cfg, seed: int, where: Path, out: Path, phase1, phase1_ckpt: str, stats: dict,
@@ -172,8 +194,6 @@ def _seed_arms(cfg, seed: int, where: Path, out: Path, phase1, phase1_ckpt: str,
     trained = {"sepp": (sepp_run, where / "sepp")}
 
     if cfg.run.budget == "steps":
-        from ..data.sampling import steps_per_epoch
-
         world = dist_utils.get_world_size()
         per_epoch = steps_per_epoch(sepp_run["num_images"], world, cfg.train.batch_size // world)
         b_epochs, b_steps = math.ceil(sepp_run["steps"] / per_epoch), sepp_run["steps"]
@@ -190,8 +210,6 @@ def _seed_arms(cfg, seed: int, where: Path, out: Path, phase1, phase1_ckpt: str,
         arm = _phase_cfg(cfg, where / "baseline", b_epochs, seed=seed, **{"train.max_steps": b_steps})
         trained["baseline"] = (_train(arm, where / "baseline", progress, init), where / "baseline")
     if b_steps and trained["baseline"][0]["steps"] != b_steps:
-        from ..errors import SeppError
-
         raise SeppError(f"the baseline in {trained['baseline'][1]} has {trained['baseline'][0]['steps']} steps but "
                         f"the SePP arm {b_steps}; remove that directory so it is trained for the same budget")
     if cfg.run.control and sepp_run.get("views", 2) > views:
@@ -229,25 +247,6 @@ def _aggregate(runs: list[dict]) -> dict:
                      for r in runs]}
 
 
-def pair_cosine(backbone, cfg: DictConfig, pairs_path: Path, seed: int = 0) -> dict:
-    """How close the pairs are for a model: mean cosine similarity of its backbone features (un-augmented
-    training images) over the pairs, and over as many random image pairs for reference."""
-    import numpy as np
-
-    from ..data.pairs import load_pairs
-    from .trainer import eval_data, features
-
-    pairs = load_pairs(pairs_path)
-    if len(pairs) == 0:
-        return {"pairs": None, "random": None}
-    ds = eval_data(cfg, cfg.data.split, cfg.data.subset)
-    f = torch.nn.functional.normalize(features(backbone, ds, cfg, torch.device(cfg.device)).float(), dim=1)
-    rng = np.random.default_rng(seed)
-    ri, rj = rng.integers(0, len(ds), len(pairs)), rng.integers(0, len(ds), len(pairs))
-    cos = lambda a, b: float((f[torch.as_tensor(a)] * f[torch.as_tensor(b)]).sum(1).mean())
-    return {"pairs": cos(pairs.i, pairs.j), "random": cos(ri, rj)}
-
-
 def _evaluate(ckpt: Path, cfg: DictConfig, pairs_path: Path | None = None) -> dict:
     """The run's evaluations (``run.evals`` but embed_plot) of one trained arm, cached in ``eval.json``."""
     path = ckpt.parent / "eval.json"
@@ -259,9 +258,6 @@ def _evaluate(ckpt: Path, cfg: DictConfig, pairs_path: Path | None = None) -> di
     result = {SCORES[e][0]: None for e in SCORES}
     result.update(pair_cosine=None, seconds=0.0)
     if dist_utils.is_main():
-        from ..eval.run import knn_from_method, linear_from_method
-        from .checkpoint import load_trained
-
         t0 = time.time()
         overrides = [f"device={cfg.device}", f"data.root={cfg.data.root}", f"data.workers={cfg.data.workers}"]
         method, ecfg, _ = load_trained(ckpt, overrides)
@@ -270,13 +266,9 @@ def _evaluate(ckpt: Path, cfg: DictConfig, pairs_path: Path | None = None) -> di
         if "linear" in wanted:
             result["linear_top1"] = linear_from_method(method, ecfg)["top1"]
         if "finetune" in wanted:
-            from ..eval.finetune import finetune_checkpoint
-
             result["finetune_top1"] = finetune_checkpoint(str(ckpt), overrides,
                                                           out=str(ckpt.parent / "finetune.json"))["finetune_top1"]
         if "transfer" in wanted:
-            from ..eval.transfer import transfer_checkpoint
-
             result["transfer_score"] = transfer_checkpoint(str(ckpt), overrides,
                                                            out=str(ckpt.parent / "transfer.json"))["transfer_score"]
         if pairs_path is not None and pairs_path.exists():
@@ -290,33 +282,10 @@ def _embed_pictures(cfg: DictConfig, arms: dict, out: Path) -> str | None:
     """``embed.png``: 2-D embeddings of the evaluation split, the first seed's arms side by side."""
     if "embed_plot" not in cfg.run.evals or not dist_utils.is_main():
         return None
-    from ..eval.embed_plot import embed_plot_checkpoints
-
     labels = {"baseline": "baseline", "control": "control", "sepp": "SePP"}
     ckpts = {labels[n]: str(Path(runs[0]["dir"]) / "last.pt") for n, runs in arms.items()}
     embed_plot_checkpoints(ckpts, [f"device={cfg.device}", f"data.root={cfg.data.root}"], out=str(out / "embed.png"))
     return "embed.png"
-
-
-def mine_checkpoint(checkpoint: str, cfg: DictConfig, out_dir: Path) -> dict:
-    """Mine pairs from a checkpoint's encoder with ``cfg.mine`` settings over ``cfg.data``'s training set."""
-    from ..data.datasets import build_dataset
-    from ..data.transforms import eval_transform
-    from ..mining.run import mine_pairs
-    from .checkpoint import file_hash, load_trained
-    from .trainer import encoder_for, mine_kwargs
-
-    # every process takes part: embedding and search are sharded under torchrun, rank 0 writes the files
-    method, _, ckpt = load_trained(checkpoint, [f"device={cfg.device}", f"data.root={cfg.data.root}"])
-    dataset = build_dataset(cfg.data, split=cfg.data.split,
-                            transform=eval_transform(cfg.data.image_size, cfg.data.name))
-    meta = {"encoder_checkpoint": str(checkpoint), "encoder_sha256": file_hash(checkpoint),
-            "encoder_method": ckpt["config"]["method"], "encoder_epoch": ckpt["epoch"],
-            "features": cfg.mine.features}
-    oracle = dict(oracle=cfg.mine.oracle, oracle_precision=cfg.mine.oracle_precision,
-                  oracle_candidates=cfg.mine.oracle_candidates, seed=cfg.seed)
-    return mine_pairs(encoder_for(method, cfg.mine.features), dataset,
-                      **mine_kwargs(cfg, torch.device(cfg.device)), out_dir=out_dir, meta=meta, **oracle)
 
 
 def comparison_table(results: dict) -> str:

@@ -1,287 +1,134 @@
 """One training loop for every method, one process or many (torchrun).
 
-The loop never reads a value back from the device inside an epoch except every ``train.log_every`` steps;
-the epoch loss is summed on the device and checked for NaN/inf before anything is saved, so a diverged run
-stops with the last good checkpoint untouched. SIGINT/SIGTERM finish the current step, write a mid-epoch
-checkpoint and exit; ``train.resume=true`` continues from it (epoch boundaries resume bit-exactly on CPU).
+``pretrain`` reads top to bottom: set up the run, restore it (or start it), then per epoch re-mine the pairs
+(when asked), train one epoch and close it (metrics, kNN monitor, checkpoints). The loop never reads a value
+back from the device inside an epoch except every ``train.log_every`` steps; the epoch loss is summed on the
+device and checked for NaN/inf before anything is saved, so a diverged run stops with the last good checkpoint
+untouched. SIGINT/SIGTERM finish the current step, write a mid-epoch checkpoint and exit;
+``train.resume=true`` continues from it (epoch boundaries resume bit-exactly on CPU).
 """
 from __future__ import annotations
 
-import csv
 import math
 import signal
+import threading
 import time
-from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ..config import resolve, to_yaml
-from ..errors import SeppError
-from ..fileio import require_shared_dir
-from sepp import distributed as dist_utils
-from .checkpoint import load_checkpoint, save_checkpoint
-from sepp.methods.optim import build_optimizer, lr_at, schedule_steps, set_lr
+from sepp import distributed as D
+from sepp.config import to_yaml
+from sepp.data.datasets import build_dataset
+from sepp.data.pairs import Pairs
+from sepp.errors import SeppError
+from sepp.eval.knn import knn_eval
+from sepp.fileio import require_shared_dir
+from sepp.methods.checkpoint import load_checkpoint, save_checkpoint
+from sepp.methods.optim import build_optimizer, lr_at, set_lr
+from sepp.mining.from_model import remine
 
-METRIC_COLUMNS = ["epoch", "step", "loss", "lr", "samples_per_s", "epoch_seconds", "knn_top1",
-                  "pairs", "pair_precision", "pair_coverage", "nn_agreement"]
+from .metrics import MetricsLog
+from .setup import (autocast, build_model, build_train_loader, choose_pipeline, load_pairs_for, resolve,
+                    run_schedule, scaled_lr, set_epoch, setup_processes, wrap_ddp)
 
 
 class Interrupted(Exception):
     """Raised after a SIGINT/SIGTERM once the resumable checkpoint is on disk."""
 
 
-class _StopFlag:
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self._old = {}
+@dataclass
+class Run:
+    """What one training run holds between its phases."""
+    cfg: DictConfig
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    out: Path
+    dataset: Any
+    images: Optional[torch.Tensor]
+    method: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    pairs: Optional[Pairs]
+    model: torch.nn.Module = None  # the method, wrapped for DDP / torch.compile
+    loader: Any = None
+    total_steps: int = 0
+    warmup_steps: int = 0
+    log: Optional[MetricsLog] = None
+    start_epoch: int = 0
+    start_batch: int = 0
+    step: int = 0
+    mined_epoch: Optional[int] = None
+    last_knn: Optional[float] = None
+    knn_cache: dict = field(default_factory=dict)
 
-    def __enter__(self):
-        import threading
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\nsignal {signum}: finishing this step and saving a resumable checkpoint "
-              "(press again to abort without saving)", flush=True)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-# --------------------------------------------------------------------------------------------- building
-
-def autocast(cfg: DictConfig, device: torch.device):
-    if cfg.train.amp == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def build_train_loader(cfg, dataset, device, rank, world, pairs, images=None):
-    """The device-resident path for in-memory datasets, the DataLoader path otherwise."""
-    from ..data.recipes import view_specs
-
-    spec1, spec2 = view_specs(cfg.method, cfg.data.image_size, cfg.data.name)
-    per_rank = cfg.train.batch_size // world
-    common = dict(seed=cfg.seed, rank=rank, world=world, pairs=pairs, mode=cfg.sepp.mode, p=cfg.sepp.p,
-                  views=cfg.train.views)
-    if choose_pipeline(cfg, dataset) == "device":
-        from ..data.device_loader import DeviceLoader
-        from ..data.gpu_augment import BatchAugment
-
-        if images is None:
-            images = dataset.uint8_images()
-        return DeviceLoader(images, BatchAugment(spec1), BatchAugment(spec2), batch_size=per_rank,
-                            device=device, **common)
-    from ..data.loader import build_loader
-    from ..data.transforms import view_transform
-
-    return build_loader(dataset, view_transform(spec1), view_transform(spec2), batch_size=per_rank,
-                        workers=cfg.data.workers, **common)
+    @property
+    def last(self) -> Path:
+        return self.out / "last.pt"
 
 
-def set_epoch(loader, epoch: int, seed: int, start_batch: int = 0) -> None:
-    """Select the epoch's plan (from ``start_batch`` on, for a mid-epoch resume); DataLoader workers get seeds
-    that depend only on (seed, rank, epoch), so a run resumed at an epoch boundary draws the same
-    augmentations as an uninterrupted one."""
-    rank = dist_utils.get_rank()
-    epoch_seed = (seed * 1_000_003 + rank * 7919 + epoch) % 2**63
-    torch.manual_seed(epoch_seed)  # transforms run in this process when data.workers=0
-    if hasattr(loader, "set_epoch"):
-        loader.set_epoch(epoch, start_batch)
-        return
-    loader.sampler.set_epoch(epoch, start_batch)
-    if loader.generator is not None:
-        loader.generator.manual_seed(epoch_seed)
+@dataclass
+class Epoch:
+    """The outcome of one (possibly partial) epoch."""
+    loss: float
+    lr: float
+    seen: int
+    seconds: float
+    batch_idx: int  # batches of the epoch done (a mid-epoch resume starts above 0)
+    n_batches: int
 
-
-def choose_pipeline(cfg, dataset) -> str:
-    in_memory = dataset.in_memory
-    if cfg.data.pipeline == "device" and not in_memory:
-        raise SeppError(f"data.pipeline=device needs an in-memory dataset (CIFAR, STL-10); "
-                        f"{cfg.data.name} is read from files — use data.pipeline=loader or auto")
-    if cfg.data.pipeline == "auto":
-        return "device" if in_memory else "loader"
-    return cfg.data.pipeline
-
-
-def build_model(cfg, device, world):
-    from ..methods import build_method
-
-    method = build_method(cfg)
-    if world > 1 and (cfg.model.sync_bn or (cfg.method == "mocov2" and cfg.mocov2.bn == "sync")):
-        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    method = method.to(device)
-    if cfg.train.channels_last:
-        method = method.to(memory_format=torch.channels_last)
-    return method
-
-
-def load_pairs_for(cfg, dataset):
-    from ..data.pairs import check_pairs_match, load_pairs
-
-    pairs = load_pairs(cfg.sepp.pairs)
-    check_pairs_match(pairs, name=dataset.name, split=dataset.split, num_images=len(dataset),
-                      fingerprint=dataset.fingerprint())
-    return pairs
-
-
-def wrap_ddp(method, device, local_rank):
-    """DDP without per-step buffer broadcasts: the MoCo queue and BN statistics are kept consistent by the
-    methods themselves (gathered keys), and re-sending a 65536-key queue every step would cost bandwidth.
-    Buffers are still synchronised once at construction (all ranks also seed identically)."""
-    import inspect
-
-    ddp = torch.nn.parallel.DistributedDataParallel
-    flag = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
-            else "broadcast_buffers")  # renamed in torch 2.14; 2.11 knows only broadcast_buffers
-    return ddp(method, device_ids=[local_rank] if device.type == "cuda" else None, **{flag: False})
-
-
-def scaled_lr(cfg) -> float:
-    return cfg.train.lr * (cfg.train.batch_size / 256 if cfg.train.lr_scaling == "linear" else 1.0)
-
-
-# --------------------------------------------------------------------------------------------- evaluation
-
-def eval_data(cfg, split: str, subset: int):
-    """A dataset split with the evaluation transform, and the fast uint8 form when it is in memory."""
-    from ..data.datasets import build_dataset
-    from ..data.transforms import eval_transform
-
-    data_cfg = OmegaConf.merge(cfg.data, {"subset": subset})
-    ds = build_dataset(data_cfg, split=split, transform=eval_transform(cfg.data.image_size, cfg.data.name))
-    return ds
-
-
-def features(backbone, ds, cfg, device, images=None):
-    """Backbone features of an evaluation split; ``images``: its uint8 tensor (fast path, no decoding)."""
-    from ..data.recipes import mean_std
-    from ..eval.features import extract_features
-
-    if images is None and ds.in_memory:
-        images = ds.uint8_images()
-    if images is not None and images.shape[-1] == cfg.data.image_size:
-        mean, std = mean_std(cfg.data.name)
-        m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-        s = torch.tensor(std, device=device).view(1, 3, 1, 1)
-        return extract_features(backbone, images, device, batch_size=cfg.eval.batch_size,
-                                normalize=lambda x: (x - m) / s)
-    return extract_features(backbone, ds, device, batch_size=cfg.eval.batch_size)
-
-
-def eval_train_split(cfg) -> str:
-    """The labelled split that serves as kNN memory bank and linear-probe training set."""
-    return cfg.data.eval_train_split or cfg.data.split
-
-
-def knn_eval(backbone, cfg, device, cache: dict) -> float:
-    """Weighted kNN top-1 of ``backbone``; ``cache`` keeps the datasets (and their uint8 tensors, on the
-    device) between the monitor's calls."""
-    from ..eval.knn import knn_top1
-
-    if "train" not in cache:
-        for key, split, subset in (("train", eval_train_split(cfg), cfg.data.subset),
-                                   ("test", cfg.data.eval_split, cfg.data.eval_subset)):
-            ds = eval_data(cfg, split, subset)
-            cache[key] = (ds, ds.uint8_images().to(device) if ds.in_memory else None)
-    (train, train_images), (test, test_images) = cache["train"], cache["test"]
-    if train.labels is None or test.labels is None or (train.labels < 0).all():
-        raise SeppError(f"kNN evaluation needs labels; split {train.split!r} of {cfg.data.name} has none "
-                        "— set data.eval_train_split to a labelled split (e.g. train)")
-    ftr = features(backbone, train, cfg, device, train_images)
-    fte = features(backbone, test, cfg, device, test_images)
-    keep = torch.as_tensor(train.labels >= 0)
-    return knn_top1(ftr[keep], torch.as_tensor(train.labels)[keep], fte, torch.as_tensor(test.labels),
-                    num_classes=len(train.classes), k=cfg.eval.knn_k, t=cfg.eval.knn_t, device=device)
-
-
-# --------------------------------------------------------------------------------------------- metrics
-
-class MetricsLog:
-    """metrics.csv (one row per epoch) and TensorBoard events, on the main process only."""
-
-    def __init__(self, out: Path, resume_epoch: int, enabled: bool):
-        self.enabled = enabled
-        self.path = out / "metrics.csv"
-        self.tb = None
-        if not enabled:
-            return
-        rows = []
-        if self.path.exists() and resume_epoch > 0:
-            with open(self.path) as f:
-                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= resume_epoch]
-        with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
-            w.writeheader()
-            w.writerows({k: r.get(k, "") for k in METRIC_COLUMNS} for r in rows)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_epoch + 1 if resume_epoch else None)
-        except Exception:  # tensorboard missing or broken: the CSV is the record
-            self.tb = None
-
-    def write(self, row: dict):
-        if not self.enabled:
-            return
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=METRIC_COLUMNS).writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "epoch" and isinstance(v, (int, float)) and v != "":
-                    self.tb.add_scalar(f"train/{k}", v, row["epoch"])
-            self.tb.flush()
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
-
-
-# --------------------------------------------------------------------------------------------- the loop
 
 def pretrain(cfg: DictConfig, progress: bool = True, init_state: Optional[dict] = None) -> dict:
     """Train ``cfg.method`` as configured; returns a summary (epochs, steps, final kNN, seconds, out)."""
-    cfg = resolve(cfg)
-    rank, world, local_rank = dist_utils.init_distributed()
-    main = rank == 0
-    device = torch.device("cuda", local_rank) if cfg.device == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if cfg.train.batch_size % world:
-        raise SeppError(f"train.batch_size={cfg.train.batch_size} must be divisible by the {world} processes")
+    run = setup(resolve(cfg))
+    restore(run, init_state)
+    start(run)
+    status, t_start, completed = "finished", time.time(), run.start_epoch
+    with _StopFlag() as stop:
+        for epoch in range(run.start_epoch, run.cfg.train.epochs):
+            if run.cfg.train.max_steps and run.step >= run.cfg.train.max_steps:
+                break
+            mine_stats = remine_if_due(run, epoch)
+            result = one_epoch(run, epoch, stop, progress)
+            if stop.signum is not None and result.batch_idx < result.n_batches:
+                save_interrupted(run, epoch, result.batch_idx)
+                status = "interrupted"
+                break
+            completed, status = end_of_epoch(run, epoch, result, mine_stats)
+            if status != "running":
+                break
+    run.log.close()
+    if status == "interrupted":
+        raise Interrupted(f"interrupted; resumable checkpoint at {run.last}")
+    return summary(run, "finished" if status == "running" else status, completed, time.time() - t_start)
+
+
+# --------------------------------------------------------------------------------------------- phases
+
+def setup(cfg: DictConfig) -> Run:
+    """Processes, device, run directory, dataset and pairs, model and optimizer."""
+    rank, world, local_rank, device = setup_processes(cfg)
     out = Path(cfg.out)
     require_shared_dir(out, "the run directory (out)")  # rank 0 writes the checkpoints all ranks resume from
-    last = out / "last.pt"
-    ckpt = None
-    if last.exists():
-        if not cfg.train.resume:
-            raise SeppError(f"{out} already holds a run (last.pt); pass train.resume=true to continue it or "
-                            "choose another out=DIR")
-        ckpt = load_checkpoint(last)
-    if main:
+    if (out / "last.pt").exists() and not cfg.train.resume:
+        raise SeppError(f"{out} already holds a run (last.pt); pass train.resume=true to continue it or "
+                        "choose another out=DIR")
+    if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
-
-    from ..data.datasets import build_dataset
-
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     dataset = build_dataset(cfg.data, split=cfg.data.split)
-    pairs_obj = load_pairs_for(cfg, dataset) if cfg.sepp.pairs else None
+    pairs = load_pairs_for(cfg, dataset) if cfg.sepp.pairs else None
     images = dataset.uint8_images() if choose_pipeline(cfg, dataset) == "device" else None
     if images is not None and device.type == "cuda":
         images = images.to(device)
@@ -289,152 +136,151 @@ def pretrain(cfg: DictConfig, progress: bool = True, init_state: Optional[dict] 
     if hasattr(method, "set_labels"):  # NNCLR: neighbour label agreement per epoch (reporting only)
         method.set_labels(dataset.labels)
     optimizer = build_optimizer(method, cfg.train, scaled_lr(cfg))
-    start_epoch, start_batch, step, mined_epoch = 0, 0, 0, None
-    if ckpt is not None:
-        method.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, start_batch, step = ckpt["epoch"], ckpt.get("batch_in_epoch", 0), ckpt["step"]
-        if ckpt.get("pairs") is not None:  # the pairs in use (re-mined ones included) live in the checkpoint
-            pairs_obj = ckpt["pairs"]
-            mined_epoch = pairs_obj.meta.get("mined_at_epoch")
-        if main:
-            where = f"epoch {start_epoch}" + (f", batch {start_batch}" if start_batch else "")
-            print(f"resuming {out} from {where} (step {step})", flush=True)
-    elif init_state is not None:
-        method.load_state_dict(init_state)
-    pairs = None if pairs_obj is None else (np.asarray(pairs_obj.i), np.asarray(pairs_obj.j))
-    if cfg.sepp.mask_negatives or cfg.sepp.batch_positives:  # without pairs: only an anchor's own image
-        known = pairs or (np.zeros(0, np.int64), np.zeros(0, np.int64))
-        method.set_known_positives(torch.as_tensor(known[0]), torch.as_tensor(known[1]), len(dataset),
-                                   positives=bool(cfg.sepp.batch_positives))
+    return Run(cfg, rank, world, local_rank, device, out, dataset, images, method, optimizer, pairs)
 
-    model = method
-    if world > 1:
-        model = wrap_ddp(method, device, local_rank)
-    if cfg.train.compile:
-        model = torch.compile(model)
 
-    loader = build_train_loader(cfg, dataset, device, rank, world, pairs, images)
+def restore(run: Run, init_state: Optional[dict]) -> None:
+    """Continue from ``last.pt`` (weights, optimizer, position, the pairs in use), or start from
+    ``init_state`` weights when given."""
+    if not run.last.exists():
+        if init_state is not None:
+            run.method.load_state_dict(init_state)
+        return
+    ckpt = load_checkpoint(run.last)
+    run.method.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.start_epoch, run.start_batch, run.step = ckpt["epoch"], ckpt.get("batch_in_epoch", 0), ckpt["step"]
+    if ckpt.get("pairs") is not None:  # the pairs in use (re-mined ones included) live in the checkpoint
+        run.pairs = ckpt["pairs"]
+        run.mined_epoch = run.pairs.meta.get("mined_at_epoch")
+    if run.main:
+        where = f"epoch {run.start_epoch}" + (f", batch {run.start_batch}" if run.start_batch else "")
+        print(f"resuming {run.out} from {where} (step {run.step})", flush=True)
+
+
+def start(run: Run) -> None:
+    """Known positives, the DDP / compiled model, the loader, the schedule and the metrics log."""
+    set_known_positives(run)
+    run.model = run.method
+    if run.world > 1:
+        run.model = wrap_ddp(run.method, run.device, run.local_rank)
+    if run.cfg.train.compile:
+        run.model = torch.compile(run.model)
+    run.loader = build_train_loader(run.cfg, run.dataset, run.device, run.rank, run.world, run.pairs, run.images)
+    run.total_steps, run.warmup_steps = run_schedule(run.cfg, len(run.dataset), len(run.loader), run.world)
+    run.log = MetricsLog(run.out, run.start_epoch, run.main)
+
+
+def remine_if_due(run: Run, epoch: int) -> Optional[dict]:
+    """Every ``sepp.remine_every`` epochs: new pairs from the model being trained, and a new loader."""
+    every = run.cfg.sepp.remine_every
+    if not (every and epoch > 0 and epoch % every == 0 and run.mined_epoch != epoch):
+        return None
+    run.pairs, stats = remine(run.method, run.cfg, run.dataset, run.device, epoch)
+    run.mined_epoch = epoch
+    set_known_positives(run)
+    run.loader = build_train_loader(run.cfg, run.dataset, run.device, run.rank, run.world, run.pairs, run.images)
+    return stats
+
+
+def one_epoch(run: Run, epoch: int, stop: "_StopFlag", progress: bool) -> Epoch:
+    """Train until the epoch ends, ``train.max_steps`` is reached or a signal asks to stop."""
+    cfg = run.cfg
+    set_epoch(run.loader, epoch, cfg.seed, run.start_batch)
+    n_batches = len(run.loader)  # of the whole epoch, also when resuming inside it
+    if n_batches == 0:
+        raise SeppError(f"train.batch_size={cfg.train.batch_size} is larger than one epoch of "
+                        f"{len(run.dataset)} images; lower train.batch_size or raise data.subset")
+    run.model.train()
     base_lr = scaled_lr(cfg)
-    epochs = cfg.train.epochs
-    total_steps, warmup_steps = run_schedule(cfg, len(dataset), len(loader), world)
-    log = MetricsLog(out, start_epoch, main)
-    knn_cache: dict = {}
-    last_knn = None
-    t_start = time.time()
-    status = "finished"
-    completed = start_epoch
-    with _StopFlag() as stop:
-        for epoch in range(start_epoch, epochs):
-            if cfg.train.max_steps and step >= cfg.train.max_steps:
-                break
-            if (cfg.sepp.remine_every and epoch > 0 and epoch % cfg.sepp.remine_every == 0
-                    and mined_epoch != epoch):
-                pairs_obj, mine_stats = remine(method, cfg, dataset, device, epoch)
-                pairs_obj.meta["mined_at_epoch"] = mined_epoch = epoch
-                pairs = (np.asarray(pairs_obj.i), np.asarray(pairs_obj.j))
-                if cfg.sepp.mask_negatives or cfg.sepp.batch_positives:
-                    method.set_known_positives(torch.as_tensor(pairs[0]), torch.as_tensor(pairs[1]),
-                                               len(dataset), positives=bool(cfg.sepp.batch_positives))
-                loader = build_train_loader(cfg, dataset, device, rank, world, pairs, images)
-            else:
-                mine_stats = None
-            set_epoch(loader, epoch, cfg.seed, start_batch)
-            n_batches = len(loader)  # of the whole epoch, also when resuming inside it
-            if n_batches == 0:
-                raise SeppError(f"train.batch_size={cfg.train.batch_size} is larger than one epoch of "
-                                f"{len(dataset)} images; lower train.batch_size or raise data.subset")
-            model.train()
-            loss_sum = torch.zeros((), device=device)
-            seen = 0
-            t0 = time.time()
-            bar = _progress(loader, n_batches, start_batch, epoch, epochs, progress and main)
-            batch_idx = start_batch
-            for batch in bar:
-                # the schedule is a function of the optimizer step alone, evaluated after the step
-                lr = lr_at(step + 1, total_steps, warmup_steps, base_lr, cfg.train.min_lr)
-                loss = train_step(model, method, optimizer, batch, device, cfg, lr, base_lr,
-                                  min(1.0, (step + 1) / total_steps))
-                loss_sum += loss.float()
-                seen += batch[0].shape[0]
-                step += 1
-                batch_idx += 1
-                if step % cfg.train.log_every == 0:
-                    value = loss.item()
-                    if not math.isfinite(value):
-                        _diverged(value, epoch, out)
-                    if hasattr(bar, "set_postfix"):
-                        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.4g}")
-                if stop.signum is not None or (cfg.train.max_steps and step >= cfg.train.max_steps):
-                    break
-            # one read-back per epoch; averaged over processes so every rank takes the same decision
-            epoch_loss = dist_utils.all_reduce_mean(loss_sum / max(1, batch_idx - start_batch)).item()
-            if not math.isfinite(epoch_loss):
-                _diverged(epoch_loss, epoch, out)
-            if stop.signum is not None and batch_idx < n_batches:
-                if main:
-                    save_checkpoint(last, method, optimizer, cfg, epoch, step, pairs_obj, batch_in_epoch=batch_idx)
-                    print(f"saved {last} at epoch {epoch}, batch {batch_idx}; resume with train.resume=true",
-                          flush=True)
-                status = "interrupted"
-                break
-            reached_max = bool(cfg.train.max_steps) and step >= cfg.train.max_steps
-            start_batch = 0
-            seconds = time.time() - t0
-            done = epoch + 1
-            row = {"epoch": done, "step": step, "loss": epoch_loss, "lr": lr,
-                   "samples_per_s": seen * world / max(seconds, 1e-9), "epoch_seconds": seconds}
-            if hasattr(method, "epoch_metrics"):  # every process calls it (an all-reduce)
-                row.update(method.epoch_metrics())
-            if mine_stats is not None:
-                row.update(pairs=mine_stats["num_pairs"], pair_precision=mine_stats.get("precision", ""),
-                           pair_coverage=mine_stats["coverage"])
-            knn_every = cfg.train.knn_every
-            final = done == epochs or reached_max
-            if knn_every >= 0 and (final or (knn_every > 0 and done % knn_every == 0)):
-                if main:
-                    last_knn = knn_eval(method.backbone, cfg, device, knn_cache)
-                    row["knn_top1"] = last_knn
-                dist_utils.barrier()
-            log.write(row)
-            if main:
-                save_checkpoint(last, method, optimizer, cfg, done, step, pairs_obj)
-                if cfg.train.save_every and done % cfg.train.save_every == 0 and not final:
-                    save_checkpoint(out / f"epoch_{done:04d}.pt", method, optimizer, cfg, done, step, pairs_obj)
-                knn_txt = f" knn_top1 {last_knn:.2f}" if "knn_top1" in row else ""
-                print(f"epoch {done}/{epochs} step {step} loss {epoch_loss:.4f} lr {lr:.4g} "
-                      f"{row['samples_per_s']:.0f} samples/s{knn_txt}", flush=True)
-            completed = done
-            dist_utils.barrier()
-            if reached_max:
-                break
-            if cfg.train.stop_at_epoch and done >= cfg.train.stop_at_epoch and done < epochs:
-                status = "paused"
-                break
-    log.close()
-    summary = {"out": str(out), "status": status, "epochs": completed,
-               "steps": step, "knn_top1": last_knn, "seconds": time.time() - t_start,
-               "num_images": len(dataset), "num_pairs": 0 if pairs is None else int(len(pairs[0])),
-               "views": int(cfg.train.views), "images_forwarded": int(step * cfg.train.batch_size * cfg.train.views)}
-    if status == "interrupted":
-        raise Interrupted(f"interrupted; resumable checkpoint at {last}")
-    return summary
+    loss_sum, seen, t0 = torch.zeros((), device=run.device), 0, time.time()
+    lr = lr_at(run.step, run.total_steps, run.warmup_steps, base_lr, cfg.train.min_lr)
+    bar = _progress(run.loader, n_batches, run.start_batch, epoch, cfg.train.epochs, progress and run.main)
+    batch_idx = run.start_batch
+    for batch in bar:
+        # the schedule is a function of the optimizer step alone, evaluated after the step
+        lr = lr_at(run.step + 1, run.total_steps, run.warmup_steps, base_lr, cfg.train.min_lr)
+        loss = train_step(run.model, run.method, run.optimizer, batch, run.device, cfg, lr, base_lr,
+                          min(1.0, (run.step + 1) / run.total_steps))
+        loss_sum += loss.float()
+        seen += batch[0].shape[0]
+        run.step += 1
+        batch_idx += 1
+        if run.step % cfg.train.log_every == 0:
+            value = loss.item()
+            _check_finite(value, epoch, run.out)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.4g}")
+        if stop.signum is not None or (cfg.train.max_steps and run.step >= cfg.train.max_steps):
+            break
+    # one read-back per epoch; averaged over processes so every rank takes the same decision
+    epoch_loss = D.all_reduce_mean(loss_sum / max(1, batch_idx - run.start_batch)).item()
+    _check_finite(epoch_loss, epoch, run.out)
+    return Epoch(epoch_loss, lr, seen, time.time() - t0, batch_idx, n_batches)
 
 
-def run_schedule(cfg, num_images: int, steps_per_epoch: int, world: int) -> tuple[int, int]:
-    """``(total_steps, warmup_steps)`` of a run whose epochs have ``steps_per_epoch`` steps (enlarged ones
-    included): warm-up is counted in plain epochs of ``num_images`` images, so arms with the same total steps
-    share the learning rate at every step whatever their epoch length."""
-    from ..data.sampling import steps_per_epoch as plain_steps
+def end_of_epoch(run: Run, epoch: int, result: Epoch, mine_stats: Optional[dict]) -> tuple[int, str]:
+    """Metrics row, kNN monitor, checkpoints and the printed line; returns ``(epochs done, status)`` with
+    status ``running``, ``finished`` (``train.max_steps`` reached) or ``paused`` (``train.stop_at_epoch``)."""
+    cfg, done = run.cfg, epoch + 1
+    run.start_batch = 0
+    reached_max = bool(cfg.train.max_steps) and run.step >= cfg.train.max_steps
+    final = done == cfg.train.epochs or reached_max
+    row = {"epoch": done, "step": run.step, "loss": result.loss, "lr": result.lr,
+           "samples_per_s": result.seen * run.world / max(result.seconds, 1e-9), "epoch_seconds": result.seconds}
+    if hasattr(run.method, "epoch_metrics"):  # every process calls it (an all-reduce)
+        row.update(run.method.epoch_metrics())
+    if mine_stats is not None:
+        row.update(pairs=mine_stats["num_pairs"], pair_precision=mine_stats.get("precision", ""),
+                   pair_coverage=mine_stats["coverage"])
+    knn_every = cfg.train.knn_every
+    if knn_every >= 0 and (final or (knn_every > 0 and done % knn_every == 0)):
+        if run.main:
+            row["knn_top1"] = run.last_knn = knn_eval(run.method.backbone, cfg, run.device, run.knn_cache)
+        D.barrier()
+    run.log.write(row)
+    if run.main:
+        save_checkpoint(run.last, run.method, run.optimizer, cfg, done, run.step, run.pairs)
+        if cfg.train.save_every and done % cfg.train.save_every == 0 and not final:
+            save_checkpoint(run.out / f"epoch_{done:04d}.pt", run.method, run.optimizer, cfg, done, run.step,
+                            run.pairs)
+        knn_txt = f" knn_top1 {run.last_knn:.2f}" if "knn_top1" in row else ""
+        print(f"epoch {done}/{cfg.train.epochs} step {run.step} loss {result.loss:.4f} lr {result.lr:.4g} "
+              f"{row['samples_per_s']:.0f} samples/s{knn_txt}", flush=True)
+    D.barrier()
+    if reached_max:
+        return done, "finished"
+    if cfg.train.stop_at_epoch and cfg.train.stop_at_epoch <= done < cfg.train.epochs:
+        return done, "paused"
+    return done, "running"
 
-    plain = plain_steps(num_images, world, cfg.train.batch_size // world)
-    return schedule_steps(cfg.train.epochs, steps_per_epoch, cfg.train.max_steps, cfg.train.warmup_epochs, plain)
+
+def save_interrupted(run: Run, epoch: int, batch_idx: int) -> None:
+    """The mid-epoch checkpoint a signal asks for."""
+    if run.main:
+        save_checkpoint(run.last, run.method, run.optimizer, run.cfg, epoch, run.step, run.pairs,
+                        batch_in_epoch=batch_idx)
+        print(f"saved {run.last} at epoch {epoch}, batch {batch_idx}; resume with train.resume=true", flush=True)
 
 
-def lr_schedule(cfg, num_images: int, steps_per_epoch: int, world: int = 1) -> list[float]:
-    """The learning rate of every optimizer step of a run (what :func:`pretrain` sets), for tests and plots."""
-    total, warmup = run_schedule(cfg, num_images, steps_per_epoch, world)
-    return [lr_at(s, total, warmup, scaled_lr(cfg), cfg.train.min_lr) for s in range(1, total + 1)]
+def summary(run: Run, status: str, completed: int, seconds: float) -> dict:
+    cfg = run.cfg
+    return {"out": str(run.out), "status": status, "epochs": completed, "steps": run.step,
+            "knn_top1": run.last_knn, "seconds": seconds, "num_images": len(run.dataset),
+            "num_pairs": 0 if run.pairs is None else len(run.pairs), "views": int(cfg.train.views),
+            "images_forwarded": int(run.step * cfg.train.batch_size * cfg.train.views)}
+
+
+# --------------------------------------------------------------------------------------------- pieces
+
+def set_known_positives(run: Run) -> None:
+    """Hand the pairs in use to a method that masks or counts known positives (without pairs: an anchor's
+    own image only)."""
+    cfg = run.cfg
+    if cfg.sepp.mask_negatives or cfg.sepp.batch_positives:
+        pairs = run.pairs or Pairs(np.zeros(0, np.int64), np.zeros(0, np.int64))
+        run.method.set_known_positives(torch.as_tensor(pairs.i), torch.as_tensor(pairs.j), len(run.dataset),
+                                       positives=bool(cfg.sepp.batch_positives))
 
 
 def train_step(model, method, optimizer, batch, device, cfg, lr: float, base_lr: float, progress_after: float):
@@ -454,55 +300,42 @@ def train_step(model, method, optimizer, batch, device, cfg, lr: float, base_lr:
     return loss.detach()
 
 
+class _StopFlag:
+    """SIGINT/SIGTERM set ``signum`` (the loop finishes its step); a second one aborts at once."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nsignal {signum}: finishing this step and saving a resumable checkpoint "
+              "(press again to abort without saving)", flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
 def _progress(loader, total, start_batch, epoch, epochs, enabled):
     if not enabled:
         return loader
-    from tqdm import tqdm
+    from tqdm import tqdm  # only for interactive runs
 
     return tqdm(loader, total=total, initial=start_batch, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
                 dynamic_ncols=True, disable=None)
 
 
-def _diverged(value, epoch, out):
-    raise SeppError(f"loss became {value} in epoch {epoch + 1}; stopped without saving — the last good "
-                    f"checkpoint is {out / 'last.pt'} (if any); lower train.lr, add train.warmup_epochs "
-                    "or use train.amp=fp32")
-
-
-# --------------------------------------------------------------------------------------------- re-mining
-
-def encoder_for(method, features: str):
-    if features == "projector":
-        return torch.nn.Sequential(method.backbone, method.projector)
-    return method.backbone
-
-
-def remine(method, cfg, dataset, device, epoch):
-    """Refresh the semantic pairs from the model being trained (beyond the paper: ``sepp.remine_every``)."""
-    from ..data.transforms import eval_transform
-    from ..data.pairs import load_pairs
-    from ..mining.run import mine_pairs
-
-    out_dir = Path(cfg.out) / "remine" / f"epoch_{epoch:04d}"
-    encoder = encoder_for(method, cfg.mine.features)
-    was_training = method.training
-    method.eval()
-    stats = mine_pairs(encoder, dataset.with_transform(eval_transform(cfg.data.image_size, cfg.data.name)),
-                       **mine_kwargs(cfg, device), out_dir=out_dir,
-                       meta={"encoder": f"{cfg.out}@epoch{epoch}", "features": cfg.mine.features}, plots=False)
-    method.train(was_training)
-    pairs = load_pairs(out_dir / "pairs.npz")
-    if dist_utils.is_main():
-        prec = stats.get("precision")
-        print(f"re-mined at epoch {epoch}: {stats['num_pairs']} pairs, coverage {stats['coverage']:.3f}"
-              + (f", precision {prec:.3f}" if prec is not None else ""), flush=True)
-    return pairs, stats
-
-
-def mine_kwargs(cfg, device) -> dict:
-    precision = cfg.mine.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return dict(k=cfg.mine.k, threshold=cfg.mine.threshold, mutual=cfg.mine.mutual, backend=cfg.mine.backend,
-                chunk_size=cfg.mine.chunk_size, precision=precision, batch_size=cfg.mine.batch_size,
-                device=device, save_embeddings=cfg.mine.save_embeddings, rank_from=cfg.mine.rank_from)
+def _check_finite(value: float, epoch: int, out: Path) -> None:
+    if not math.isfinite(value):
+        raise SeppError(f"loss became {value} in epoch {epoch + 1}; stopped without saving — the last good "
+                        f"checkpoint is {out / 'last.pt'} (if any); lower train.lr, add train.warmup_epochs "
+                        "or use train.amp=fp32")

@@ -1,1 +1,7 @@
-"""Evaluation of frozen backbones: feature extraction, weighted kNN monitor, linear probe."""
+"""Evaluation of frozen backbones: the labelled splits and their fast input form, weighted kNN (the training
+monitor and `sepp eval knn`), linear probe, fine-tuning, transfer, embedding pictures, seed statistics."""
+from sepp.eval.embed_plot import ALGORITHMS
+from sepp.eval.linear import PROTOCOLS
+
+# Config keys whose values name an entry of a registry of this package (checked by sepp.engine.setup.resolve).
+CONFIG_CHOICES = {"eval.linear_protocol": PROTOCOLS, "eval.embed_algorithm": ALGORITHMS}

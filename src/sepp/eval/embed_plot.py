@@ -16,6 +16,9 @@ from torch import nn
 from torch.utils.data import Subset
 
 from sepp.errors import SeppError
+from sepp.eval.data import eval_data, eval_input
+from sepp.methods.checkpoint import load_trained
+from sepp.models.features import extract_features
 
 ALGORITHMS = ("auto", "umap", "tsne")
 
@@ -77,8 +80,6 @@ def embed_2d(features, algorithm: str = "auto", seed: int = 0) -> np.ndarray:
 
 
 def _features_of(model, data, device, normalize, batch_size: int) -> np.ndarray:
-    from sepp.eval.features import extract_features
-
     if isinstance(model, nn.Module):
         backbone = getattr(model, "backbone", model)
         return extract_features(backbone, data, device, batch_size, normalize=normalize).numpy()
@@ -137,10 +138,6 @@ def embed_plot(models: dict, labels, classes, out_png, *, data=None, normalize=N
 def embed_plot_checkpoints(checkpoints: dict[str, str], overrides=(), out: str | None = None) -> dict:
     """`sepp eval embed-plot`: panels for ``{name: checkpoint}`` on the first checkpoint's evaluation split
     (``data.eval_split``, ``eval.embed_points`` images, ``eval.embed_algorithm``)."""
-    from sepp.engine.checkpoint import load_trained
-    from sepp.engine.trainer import eval_data
-    from sepp.eval.finetune import eval_input
-
     methods, cfg = {}, None
     for name, path in checkpoints.items():
         method, c, _ = load_trained(path, overrides)
@@ -148,7 +145,7 @@ def embed_plot_checkpoints(checkpoints: dict[str, str], overrides=(), out: str |
     test = eval_data(cfg, cfg.data.eval_split, cfg.data.eval_subset)
     if test.labels is None or (test.labels < 0).any():
         raise SeppError(f"embedding pictures are coloured by class; split {test.split!r} has no labels")
-    data, normalize = eval_input(test, cfg)
+    data, normalize = eval_input(test, cfg.data.image_size, cfg.data.name)
     data = data[0] if isinstance(data, tuple) else data
     first = next(iter(checkpoints.values()))
     out = out or str(Path(first).with_name(f"{Path(first).stem}_embed.png"))

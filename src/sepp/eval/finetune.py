@@ -23,7 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from sepp.data.transforms import linear_train_transform
 from sepp.errors import SeppError
+from sepp.eval.data import eval_data, eval_input, eval_train_split
+from sepp.eval.linear import accuracy
+from sepp.methods.checkpoint import load_trained
+from sepp.models.features import extract_features, labels_of
 
 # dataset: (lr per 256 images, epochs at <= 1 % of the labels, epochs above). ImageNet: SimCLR v1, B.5.
 # The other datasets have no published semi-supervised protocol for these methods; they use SimCLR's
@@ -92,9 +97,6 @@ def finetune(backbone: nn.Module, train_data: Dataset, test_data, num_classes: i
     ``test_data`` (an eval-transformed dataset, or ``(uint8 images, labels)`` used with ``normalize``).
     ``lr`` is the actual peak rate (scale it by batch / 256 first); ``max_steps > 0`` stops early.
     ``backbone`` itself is left untouched."""
-    from sepp.eval.features import extract_features, labels_of
-    from sepp.eval.linear import accuracy
-
     if epochs < 1 or batch_size < 1 or len(train_data) == 0:
         raise SeppError(f"fine-tuning needs epochs >= 1, batch_size >= 1 and labelled images (got {epochs}, "
                         f"{batch_size}, {len(train_data)} images)")
@@ -137,24 +139,9 @@ def finetune(backbone: nn.Module, train_data: Dataset, test_data, num_classes: i
     return {**result, "steps": step, "losses": losses, "lr": lr}
 
 
-def eval_input(ds, cfg):
-    """``(data, normalize)`` for evaluating on ``ds``: its uint8 tensor when in memory at the run's size."""
-    from sepp.data.recipes import mean_std
-    from sepp.mining.embed import uint8_normalizer
-
-    images = ds.uint8_images()
-    if images is not None and images.shape[-1] == cfg.data.image_size:
-        return (images, torch.as_tensor(ds.labels)), uint8_normalizer(*mean_std(cfg.data.name))
-    return ds, None
-
-
 def finetune_checkpoint(checkpoint: str, overrides=(), out: str | None = None) -> dict:
     """`sepp eval finetune`: fine-tune a checkpoint's backbone as ``cfg.eval`` says, write the result JSON
     (with the labelled subset's indices) and return it."""
-    from sepp.data.transforms import linear_train_transform
-    from sepp.engine.checkpoint import load_trained
-    from sepp.engine.trainer import eval_data, eval_train_split
-
     method, cfg, ckpt = load_trained(checkpoint, overrides)
     ev = cfg.eval
     train = eval_data(cfg, eval_train_split(cfg), cfg.data.subset)
@@ -171,7 +158,7 @@ def finetune_checkpoint(checkpoint: str, overrides=(), out: str | None = None) -
     base_lr, epochs = recipe(cfg.data.name, fraction, ev.finetune_lr, ev.finetune_epochs)
     lr = base_lr * ev.finetune_batch_size / 256
     aug = train.with_transform(linear_train_transform(cfg.data.image_size, cfg.data.name))
-    test_data, normalize = eval_input(test, cfg)
+    test_data, normalize = eval_input(test, cfg.data.image_size, cfg.data.name)
     t0 = time.time()
     res = finetune(method.backbone, Subset(aug, idx.tolist()), test_data, len(train.classes), epochs=epochs,
                    lr=lr, batch_size=ev.finetune_batch_size, device=cfg.device, seed=cfg.seed,

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sepp.errors import SeppError
-from sepp.eval.features import features_of, labels_of
+from sepp.eval.data import eval_input, eval_splits
+from sepp.models.features import features_of, labels_of
 
 # Cap on the [rows, N_train] similarity block, so memory stays bounded whatever ``chunk`` and N are.
 _MAX_BLOCK_ELEMENTS = 1 << 27
@@ -103,10 +104,27 @@ def evaluate_knn(
     workers: int = 0,
 ) -> float:
     """kNN top-1 (percent) of a backbone: train/test data are eval-transformed datasets, or
-    ``(uint8 images [N,3,H,W], labels)`` pairs used with ``normalize``. Classes default to max label + 1."""
+    ``(uint8 images [N,3,H,W], labels)`` pairs used with ``normalize``. Unlabelled training images (label
+    -1, e.g. STL-10's unlabeled split) are left out of the memory bank. Classes default to max label + 1."""
     train_labels, test_labels = labels_of(train_data), labels_of(test_data)
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     train_feats = features_of(backbone, train_data, device, batch_size, amp, normalize, workers)
     test_feats = features_of(backbone, test_data, device, batch_size, amp, normalize, workers)
-    return knn_top1(train_feats, train_labels, test_feats, test_labels, num_classes, k, t, device=device)
+    keep = train_labels >= 0
+    return knn_top1(train_feats[keep], train_labels[keep], test_feats, test_labels, num_classes, k, t,
+                    device=device)
+
+
+def knn_eval(backbone: nn.Module, cfg, device: torch.device | str, cache: dict | None = None) -> float:
+    """Weighted kNN top-1 of ``backbone`` on the evaluation splits of ``cfg`` (``eval.knn_k``, ``eval.knn_t``):
+    the one kNN entry of the training monitor, ``sepp eval knn`` and ``sepp run``. ``cache`` keeps the splits
+    (in-memory images on the device) between the monitor's calls."""
+    cache = {} if cache is None else cache
+    if "knn" not in cache:
+        train, test = eval_splits(cfg)
+        inputs = [eval_input(ds, cfg.data.image_size, cfg.data.name, device) for ds in (train, test)]
+        cache["knn"] = inputs, len(train.classes)
+    ((train_data, norm_train), (test_data, norm_test)), num_classes = cache["knn"]
+    return evaluate_knn(backbone, train_data, test_data, device, k=cfg.eval.knn_k, t=cfg.eval.knn_t,
+                        batch_size=cfg.eval.batch_size, num_classes=num_classes, normalize=norm_train or norm_test)

@@ -42,12 +42,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from sepp.data.transforms import linear_train_transform
 from sepp.errors import SeppError
-from sepp.eval.features import features_of, labels_of
+from sepp.models.features import features_of, labels_of
 
 BASE_LR = 0.01  # per 256 samples in a batch
 
 # the standard (MoCo / SimSiam) protocol
+PROTOCOLS = ("standard", "fast")  # eval.linear_protocol
 STANDARD = {"lr": 30.0, "epochs": 100, "batch_size": 256, "weight_decay": 0.0}
 STEP_SCHEDULE_DATASETS = ("imagenet", "imagenette", "imagefolder")  # main_lincls: x0.1 at 60 and 80
 STANDARD_MILESTONES = (60, 80)
@@ -260,13 +262,13 @@ def linear_probe(backbone: nn.Module, cfg, train, test, device, features: Callab
     """The linear evaluation ``cfg.eval.linear_protocol`` names, on labelled datasets ``train`` / ``test``
     (eval-transformed; ``features(backbone, ds)`` embeds one). Returns ``train_linear``'s dict plus
     ``protocol``."""
-    from sepp.data.transforms import linear_train_transform
-
     keep = torch.as_tensor(train.labels >= 0)
     ytr = torch.as_tensor(train.labels)[keep]
     yte = torch.as_tensor(test.labels)
     num_classes = len(train.classes)
     protocol = cfg.eval.get("linear_protocol", "fast")
+    if protocol not in PROTOCOLS:
+        raise SeppError(f"eval.linear_protocol={protocol!r} is not valid; choose one of: {', '.join(PROTOCOLS)}")
     if protocol == "standard":
         aug = train.with_transform(linear_train_transform(cfg.data.image_size, cfg.data.name))
         res = train_linear_augmented(backbone, aug, test, num_classes=num_classes, device=device, seed=cfg.seed,

@@ -8,41 +8,25 @@ from pathlib import Path
 import torch
 
 from ..errors import SeppError
-
-
-def _splits(cfg):
-    from ..engine.trainer import eval_data, eval_train_split
-
-    train = eval_data(cfg, eval_train_split(cfg), cfg.data.subset)
-    test = eval_data(cfg, cfg.data.eval_split, cfg.data.eval_subset)
-    for ds in (train, test):
-        if ds.labels is None or (ds.labels < 0).all():
-            raise SeppError(f"evaluation needs labels; split {ds.split!r} of {ds.name} has none — set "
-                            "data.eval_train_split / data.eval_split to labelled splits (e.g. train and test)")
-    return train, test
+from ..methods.checkpoint import load_trained
+from .data import eval_splits, eval_train_split, features
+from .knn import knn_eval
+from .linear import linear_probe
 
 
 def knn_from_method(method, cfg) -> float:
-    from ..engine.trainer import knn_eval
-
-    return knn_eval(method.backbone, cfg, torch.device(cfg.device), {})
+    return knn_eval(method.backbone, cfg, torch.device(cfg.device))
 
 
 def linear_from_method(method, cfg) -> dict:
     """The linear probe of ``eval.linear_protocol`` (standard | fast; see sepp.eval.linear)."""
-    from ..engine.trainer import features
-    from ..eval.linear import linear_probe
-
     device = torch.device(cfg.device)
-    train, test = _splits(cfg)
+    train, test = eval_splits(cfg)
     return linear_probe(method.backbone, cfg, train, test, device,
                         lambda backbone, ds: features(backbone, ds, cfg, device))
 
 
 def evaluate_checkpoint(kind: str, checkpoint: str, overrides=(), out: str | None = None) -> dict:
-    from ..engine.checkpoint import load_trained
-    from ..engine.trainer import eval_train_split
-
     method, cfg, ckpt = load_trained(checkpoint, overrides)
     t0 = time.time()
     result = {"checkpoint": str(checkpoint), "epoch": ckpt["epoch"], "method": cfg.method,

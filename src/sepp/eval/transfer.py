@@ -23,7 +23,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from sepp.data.datasets import build_dataset
+from sepp.data.transforms import eval_transform
 from sepp.errors import SeppError
+from sepp.eval.data import eval_input
+from sepp.methods.checkpoint import load_trained
+from sepp.models.features import features_of
 
 MEAN_PER_CLASS = ("aircraft", "caltech101", "caltech-101", "flowers", "flowers102", "pets")
 
@@ -113,21 +118,12 @@ def _target_config(cfg):
 
 
 def _features(backbone, ds, size: int, source: str, device, batch_size: int) -> torch.Tensor:
-    from sepp.data.recipes import mean_std
-    from sepp.eval.features import extract_features
-    from sepp.mining.embed import uint8_normalizer
-
-    images = ds.uint8_images()
-    if images is not None and images.shape[-1] == size and images.shape[-2] == size:
-        return extract_features(backbone, images, device, batch_size, normalize=uint8_normalizer(*mean_std(source)))
-    return extract_features(backbone, ds, device, batch_size)
+    data, normalize = eval_input(ds, size, source)  # normalised as the source dataset was in training
+    return features_of(backbone, data, device, batch_size, normalize=normalize)
 
 
 def transfer_features(backbone, cfg, device) -> tuple:
     """``(train_x, train_y, test_x, test_y, classes, data_cfg, eval_split)`` of ``cfg.transfer.data``."""
-    from sepp.data.datasets import build_dataset
-    from sepp.data.transforms import eval_transform
-
     data, eval_split, size = _target_config(cfg)
     t = cfg.transfer.data
     out = []
@@ -143,8 +139,6 @@ def transfer_features(backbone, cfg, device) -> tuple:
 
 def transfer_checkpoint(checkpoint: str, overrides=(), out: str | None = None) -> dict:
     """`sepp eval transfer`: the checkpoint's frozen backbone on ``cfg.transfer.data``; writes a JSON."""
-    from sepp.engine.checkpoint import load_trained
-
     method, cfg, ckpt = load_trained(checkpoint, overrides)
     device = torch.device(cfg.device)
     t0 = time.time()

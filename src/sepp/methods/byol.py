@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn as nn
 
+from sepp.methods.base import Method
 from sepp.methods.losses import byol_loss, predictive_views
 from sepp.methods.queue import ema_update, frozen_copy
 from sepp.models.heads import mlp
@@ -23,7 +24,9 @@ def byol_tau(tau_base: float, progress: float) -> float:
     return 1 - (1 - tau_base) * (math.cos(math.pi * progress) + 1) / 2
 
 
-class BYOL(nn.Module):
+class BYOL(Method):
+    sync_bn = True  # the paper synchronises BN across devices
+
     def __init__(self, backbone: nn.Module, feat_dim: int, *, proj_hidden_dim: int = 4096, proj_dim: int = 256,
                  pred_hidden_dim: int = 4096, tau_base: float = 0.996):
         super().__init__()
@@ -49,7 +52,3 @@ class BYOL(nn.Module):
         ema_update(self.target_backbone, self.backbone, self.tau)
         ema_update(self.target_projector, self.projector, self.tau)
 
-    def param_groups(self, base_lr: float) -> list[dict]:
-        return [{"name": "backbone", "params": list(self.backbone.parameters()), "lr": base_lr},
-                {"name": "projector", "params": list(self.projector.parameters()), "lr": base_lr},
-                {"name": "predictor", "params": list(self.predictor.parameters()), "lr": base_lr}]

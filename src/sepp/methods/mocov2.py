@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from sepp import distributed as D
 from sepp.errors import SeppError
+from sepp.methods.base import Method
 from sepp.methods.known import KnownPositives
 from sepp.methods.losses import info_nce
 from sepp.methods.queue import MemoryQueue, ema_update, frozen_copy
@@ -31,7 +32,7 @@ from sepp.models.heads import mlp
 BN_MODES = ("shuffle", "sync", "none")
 
 
-class MoCoV2(nn.Module):
+class MoCoV2(Method):
     def __init__(self, backbone: nn.Module, feat_dim: int, *, proj_hidden_dim: int = 2048, proj_dim: int = 128,
                  queue_size: int = 65536, temperature: float = 0.2, momentum: float = 0.999,
                  symmetric: bool = False, bn: str = "shuffle", bn_splits: int = 1):
@@ -112,6 +113,3 @@ class MoCoV2(nn.Module):
         ema_update(self.momentum_backbone, self.backbone, self.momentum)
         ema_update(self.momentum_projector, self.projector, self.momentum)
 
-    def param_groups(self, base_lr: float) -> list[dict]:
-        return [{"name": "backbone", "params": list(self.backbone.parameters()), "lr": base_lr},
-                {"name": "projector", "params": list(self.projector.parameters()), "lr": base_lr}]

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sepp import distributed as D
+from sepp.methods.base import Method
 from sepp.methods.losses import predictive_views
 from sepp.methods.queue import MemoryQueue
 from sepp.models.heads import mlp
@@ -60,12 +61,14 @@ def nearest_neighbour(z: torch.Tensor, keys: torch.Tensor, written: torch.Tensor
         return torch.where(written.any(), keys[slot].to(z.dtype), z.detach()), slot
 
 
-class NNCLR(nn.Module):
+class NNCLR(Method):
+    sync_bn = True  # the paper synchronises BN across devices
+
     def __init__(self, backbone: nn.Module, feat_dim: int, *, proj_hidden_dim: int = 2048, proj_dim: int = 256,
                  pred_hidden_dim: int = 4096, queue_size: int = 98304, temperature: float = 0.1):
         super().__init__()
         self.backbone = backbone
-        self.projector = mlp(feat_dim, proj_hidden_dim, proj_dim, 3, last_bn=True)
+        self.projector = mlp(feat_dim, proj_hidden_dim, proj_dim, 3, last_bn=True, last_affine=True)
         self.predictor = mlp(proj_dim, pred_hidden_dim, proj_dim, 2)
         self.queue = MemoryQueue(proj_dim, queue_size)
         self.temperature = temperature
@@ -117,11 +120,3 @@ class NNCLR(nn.Module):
         counts = D.all_reduce_mean(self.agreement_counts.clone()).tolist()
         self.agreement_counts.zero_()
         return {"nn_agreement": counts[0] / counts[1]} if counts[1] > 0 else {}
-
-    def after_step(self, progress: float) -> None:
-        """Nothing to update: the support queue is written in ``forward``."""
-
-    def param_groups(self, base_lr: float) -> list[dict]:
-        return [{"name": "backbone", "params": list(self.backbone.parameters()), "lr": base_lr},
-                {"name": "projector", "params": list(self.projector.parameters()), "lr": base_lr},
-                {"name": "predictor", "params": list(self.predictor.parameters()), "lr": base_lr}]

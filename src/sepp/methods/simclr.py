@@ -17,12 +17,15 @@ import torch
 import torch.nn as nn
 
 from sepp import distributed as D
+from sepp.methods.base import Method
 from sepp.methods.known import KnownPositives
 from sepp.methods.losses import nt_xent_views
 from sepp.models.heads import mlp
 
 
-class SimCLR(nn.Module):
+class SimCLR(Method):
+    sync_bn = True  # the paper synchronises BN across devices
+
     def __init__(self, backbone: nn.Module, feat_dim: int, *, proj_hidden_dim: int = 2048, proj_dim: int = 128,
                  temperature: float = 0.1):
         super().__init__()
@@ -46,10 +49,3 @@ class SimCLR(nn.Module):
         if known is not None:
             out["known_positives" if as_pos else "masked_negatives"] = known.sum(1).float().mean().detach()
         return out
-
-    def after_step(self, progress: float) -> None:
-        """Nothing to update: SimCLR has no momentum encoder."""
-
-    def param_groups(self, base_lr: float) -> list[dict]:
-        return [{"name": "backbone", "params": list(self.backbone.parameters()), "lr": base_lr},
-                {"name": "projector", "params": list(self.projector.parameters()), "lr": base_lr}]

@@ -12,11 +12,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sepp.methods.base import Method
 from sepp.methods.losses import negative_cosine, predictive_views
 from sepp.models.heads import mlp
 
 
-class SimSiam(nn.Module):
+class SimSiam(Method):
+    sync_bn = True  # the paper synchronises BN across devices
+
     def __init__(self, backbone: nn.Module, feat_dim: int, *, proj_hidden_dim: int = 2048, proj_dim: int = 2048,
                  proj_layers: int = 3, pred_hidden_dim: int = 512, fix_pred_lr: bool = True):
         super().__init__()
@@ -36,11 +39,9 @@ class SimSiam(nn.Module):
         z_std = F.normalize(z1.detach().float(), dim=1).std(0).mean()
         return {"loss": loss, "z_std": z_std}
 
-    def after_step(self, progress: float) -> None:
-        """Nothing to update: SimSiam has no momentum encoder."""
-
     def param_groups(self, base_lr: float) -> list[dict]:
-        return [{"name": "backbone", "params": list(self.backbone.parameters()), "lr": base_lr, "fix_lr": False},
-                {"name": "projector", "params": list(self.projector.parameters()), "lr": base_lr, "fix_lr": False},
-                {"name": "predictor", "params": list(self.predictor.parameters()), "lr": base_lr,
-                 "fix_lr": self.fix_pred_lr}]
+        """The default groups; the predictor keeps ``base_lr`` with ``fix_pred_lr`` (the paper's fixed rate)."""
+        groups = super().param_groups(base_lr)
+        for group in groups:
+            group["fix_lr"] = group["name"] == "predictor" and bool(self.fix_pred_lr)
+        return groups

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from sepp import distributed as D
 from sepp.errors import SeppError
 from sepp.fileio import require_shared_dir
-from sepp.eval.features import iter_features
+from sepp.models.features import iter_features
 
 # Rows per all_gather call: bounds the communication buffer (65536 x 2048 x 4 B = 512 MiB per rank).
 _GATHER_ROWS = 65536
@@ -27,18 +28,6 @@ _GATHER_ROWS = 65536
 def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
     """Contiguous block ``[lo, hi)`` of ``n`` rows owned by ``rank``; sizes differ by at most one."""
     return n * rank // world, n * (rank + 1) // world
-
-
-def uint8_normalizer(mean, std) -> Callable[[Tensor], Tensor]:
-    """[0, 1] float ``[B, 3, H, W]`` -> normalised, on the batch's device (for uint8 tensor-resident datasets;
-    ``iter_features`` scales the uint8 images to [0, 1] first)."""
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-
-    def normalize(x: Tensor) -> Tensor:
-        return (x - m.to(x.device)) / s.to(x.device)
-
-    return normalize
 
 
 def _comm_device() -> torch.device:
@@ -78,7 +67,7 @@ def embed(encoder: nn.Module, data: Dataset | Tensor, device: str | torch.device
     """Embed every row of ``data`` with ``encoder`` (eval mode, bf16 autocast on CUDA when ``amp``).
 
     ``data`` is an IndexedDataset with items ``(image, label, index)`` (eval transform applied), or a
-    uint8 tensor ``[N, 3, H, W]`` together with ``normalize`` (e.g. ``uint8_normalizer(mean, std)``).
+    uint8 tensor ``[N, 3, H, W]`` together with ``normalize`` (``sepp.data.transforms.uint8_normalizer``).
     Returns float32 ``[N, D]``, rows L2-normalised, in dataset order. With ``out_path`` the rows are
     streamed into a ``.npy`` memmap (returned opened read-only), so N x D may exceed memory; under
     torchrun (``world > 1``, process group initialised) ``out_path`` must be on a filesystem all ranks
@@ -88,7 +77,7 @@ def embed(encoder: nn.Module, data: Dataset | Tensor, device: str | torch.device
     n = len(data)  # input checks (uint8 layout, normalize given) happen in iter_features
     if n == 0:
         raise SeppError("embed() got an empty dataset; check data.root / data.subset")
-    if world > 1 and not (dist.is_available() and dist.is_initialized()):
+    if world > 1 and not D.is_initialized():
         raise SeppError(f"embed() with world={world} needs an initialised process group; "
                         "launch with torchrun")
     lo, hi = shard_range(n, rank, world)
@@ -109,7 +98,7 @@ def embed(encoder: nn.Module, data: Dataset | Tensor, device: str | torch.device
         out.flush()
         del out
         if world > 1:
-            dist.barrier()
+            D.barrier()
         return np.load(out_path, mmap_mode="r")
     if world > 1:
         return all_gather_rows(out, n, rank, world)
@@ -124,7 +113,7 @@ def _open_shared_memmap(path: Path, n: int, dim: int, rank: int, world: int) -> 
         mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
         mm.flush()
     if world > 1:
-        dist.barrier()  # the header exists before other ranks open the file
+        D.barrier()  # the header exists before other ranks open the file
     if rank != 0:
         mm = np.load(path, mmap_mode="r+")
     return mm

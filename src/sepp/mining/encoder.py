@@ -12,7 +12,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sepp.config import load_config
 from sepp.errors import SeppError
+from sepp.methods import resolve
+from sepp.methods.checkpoint import (FORMAT, clean_state_dict, config_from_checkpoint, file_hash, load_checkpoint,
+                                     load_trained)
+from sepp.mining.from_model import encoder_for, mine_settings, training_images
+from sepp.mining.run import mine_pairs
+from sepp.models.backbones import torchvision_resnet
 
 
 def infer_arch(state: dict) -> tuple[str, bool]:
@@ -34,9 +41,7 @@ def infer_arch(state: dict) -> tuple[str, bool]:
 
 def _read(path: Path):
     """The file's object: plain tensors load with ``weights_only``; a sepp checkpoint (numpy pair arrays) is
-    read by :func:`sepp.engine.checkpoint.load_checkpoint`, which checks its marker."""
-    from sepp.engine.checkpoint import load_checkpoint
-
+    read by :func:`sepp.methods.checkpoint.load_checkpoint`, which checks its marker."""
     if not path.is_file():
         raise SeppError(f"encoder file {path} does not exist; pass a sepp checkpoint, export or state_dict")
     try:
@@ -51,8 +56,6 @@ def _read(path: Path):
 
 
 def is_sepp_checkpoint(path) -> bool:
-    from sepp.engine.checkpoint import FORMAT
-
     obj = _read(Path(path))
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
@@ -60,17 +63,12 @@ def is_sepp_checkpoint(path) -> bool:
 def encoder_config(path, config: str | None = None, overrides=()):
     """The resolved config to mine with: a sepp checkpoint's own (as `sepp mine --checkpoint`), otherwise
     ``config`` (a YAML file or shipped name; default: the schema defaults, i.e. CIFAR-10), then overrides."""
-    from sepp.config import load_config, resolve
-    from sepp.engine.checkpoint import config_from_checkpoint, load_checkpoint
-
     if config is None and is_sepp_checkpoint(path):
         return config_from_checkpoint(load_checkpoint(path), overrides)
     return resolve(load_config(config, list(overrides)))
 
 
 def _state_dict(obj) -> dict:
-    from sepp.engine.checkpoint import clean_state_dict
-
     for key in ("state_dict", "model"):  # common wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -85,10 +83,6 @@ def load_encoder(path, arch: str | None = None, cifar_stem: bool | None = None,
     """``(encoder on the CPU in eval mode, info)`` from an encoder file; ``info`` holds ``kind``
     (checkpoint | export | state_dict), ``arch``, ``cifar_stem`` and, for sepp checkpoints, ``method``,
     ``epoch`` and ``config``. ``features="projector"`` (backbone + projection head) needs a sepp checkpoint."""
-    from sepp.engine.checkpoint import FORMAT, load_trained
-    from sepp.engine.trainer import encoder_for
-    from sepp.models.backbones import torchvision_resnet
-
     path = Path(path)
     obj = _read(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
@@ -124,21 +118,14 @@ def load_encoder(path, arch: str | None = None, cifar_stem: bool | None = None,
 def mine_with_encoder(path, cfg, out_dir, arch: str | None = None, cifar_stem: bool | None = None) -> dict:
     """Mine pairs of ``cfg.data``'s training split with the encoder in ``path`` and ``cfg.mine``'s settings
     (as ``sepp mine --checkpoint`` does); returns the statistics of :func:`sepp.mining.run.mine_pairs`."""
-    from sepp.data.datasets import build_dataset
-    from sepp.data.transforms import eval_transform
-    from sepp.engine.checkpoint import file_hash
-    from sepp.engine.trainer import mine_kwargs
-    from sepp.mining.run import mine_pairs
-
     if str(cfg.mine.get("oracle", "none")) != "none":
         raise SeppError("mine.oracle builds diagnostic pairs through `sepp mine --checkpoint`; drop mine.oracle "
                         "or use --checkpoint")
     encoder, info = load_encoder(path, arch, cifar_stem, cfg.mine.features)
     device = torch.device(cfg.device)
-    dataset = build_dataset(cfg.data, split=cfg.data.split,
-                            transform=eval_transform(cfg.data.image_size, cfg.data.name))
+    dataset = training_images(cfg)
     meta = {"encoder_checkpoint": str(path), "encoder_sha256": file_hash(path), "encoder_kind": info["kind"],
             "encoder_arch": info["arch"], "encoder_cifar_stem": info["cifar_stem"],
             "encoder_method": info.get("method"), "encoder_epoch": info.get("epoch"),
             "features": cfg.mine.features}
-    return mine_pairs(encoder.to(device), dataset, **mine_kwargs(cfg, device), out_dir=out_dir, meta=meta)
+    return mine_pairs(encoder.to(device), dataset, **mine_settings(cfg, device), out_dir=out_dir, meta=meta)

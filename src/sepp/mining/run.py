@@ -16,6 +16,7 @@ from sepp.mining.embed import embed
 from sepp.mining.oracle import diagnostic_line, nearest_same_class, random_partners
 from sepp.data.pairs import Pairs, save_pairs
 from sepp.mining.pairs import select_pairs
+from sepp.mining.plots import pairs_gallery, similarity_hist
 from sepp.mining.search import resolve_precision, topk
 from sepp.mining.stats import mining_stats, pair_correct
 
@@ -93,8 +94,6 @@ def mine_pairs(encoder: nn.Module, dataset, *, k: int, threshold: float, mutual:
 
 
 def _plots(dataset, i, j, s, labels, classes, out_dir: Path) -> None:
-    from sepp.mining.plots import pairs_gallery, similarity_hist
-
     def get_image(t: int) -> np.ndarray:
         return np.asarray(dataset.load_image(t).convert("RGB"))
 

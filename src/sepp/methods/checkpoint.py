@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from ..config import build_config, parse_overrides, resolve, to_yaml
+from ..config import build_config, parse_overrides, to_yaml
 from ..data.pairs import Pairs
 from ..errors import SeppError
 from ..fileio import atomic_write
+from . import build_method, resolve
 
 FORMAT = "sepp-checkpoint/2"
 OLD_FORMATS = ("sepp-checkpoint/1",)  # config as a dict; read when no numpy pair arrays are inside
@@ -171,8 +172,6 @@ def config_from_checkpoint(ckpt: dict, overrides=()):
 
 def load_trained(path, overrides=()):
     """(method in eval mode on cfg.device, resolved cfg, raw checkpoint) from a sepp checkpoint."""
-    from ..methods import build_method
-
     ckpt = load_checkpoint(path)
     cfg = config_from_checkpoint(ckpt, overrides)
     method = build_method(cfg)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine.checkpoint import atomic_save, file_hash, load_trained
+from .checkpoint import atomic_save, file_hash, load_trained
 from ..errors import SeppError
 
 FORMATS = ("torchvision", "detectron2")
@@ -32,7 +32,7 @@ def export_backbone(checkpoint: str, out: str, format: str = "torchvision") -> d
             "epoch": ckpt["epoch"], "source": str(checkpoint), "source_sha256": file_hash(checkpoint),
             "format": format}
     if format == "detectron2":
-        from . import detectron2 as d2
+        from ..models import detectron2 as d2
 
         d2.check_exportable(info["arch"], info["cifar_stem"])
         d2.write_detectron2(state, out)
@@ -48,14 +48,14 @@ def export_backbone(checkpoint: str, out: str, format: str = "torchvision") -> d
 
 def load_exported(path: str) -> torch.nn.Module:
     """The torchvision ResNet described by an export's sidecar, with its weights loaded strictly."""
-    from .backbones import torchvision_resnet
+    from ..models.backbones import torchvision_resnet
 
     info = json.loads(Path(str(path) + ".json").read_text())
     model = torchvision_resnet(info["arch"], info["cifar_stem"])
     if info.get("format") == "detectron2":
         import pickle
 
-        from .detectron2 import from_detectron2
+        from ..models.detectron2 import from_detectron2
 
         with open(path, "rb") as f:
             state = from_detectron2(pickle.load(f))

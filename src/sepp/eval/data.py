@@ -1,0 +1,50 @@
+"""The labelled splits that evaluation runs on, and the fastest form to feed them to a backbone."""
+from __future__ import annotations
+
+import torch
+from omegaconf import OmegaConf
+
+from sepp.data.datasets import build_dataset
+from sepp.data.recipes import mean_std
+from sepp.data.transforms import eval_transform, uint8_normalizer
+from sepp.errors import SeppError
+from sepp.models.features import features_of
+
+
+def eval_train_split(cfg) -> str:
+    """The labelled split that serves as kNN memory bank and linear-probe training set."""
+    return cfg.data.eval_train_split or cfg.data.split
+
+
+def eval_data(cfg, split: str, subset: int):
+    """A split of ``cfg.data`` (``subset`` images) with the evaluation transform."""
+    data_cfg = OmegaConf.merge(cfg.data, {"subset": subset})
+    return build_dataset(data_cfg, split=split, transform=eval_transform(cfg.data.image_size, cfg.data.name))
+
+
+def eval_splits(cfg):
+    """``(train, test)``: the memory bank / probe training split and the test split, both labelled."""
+    train = eval_data(cfg, eval_train_split(cfg), cfg.data.subset)
+    test = eval_data(cfg, cfg.data.eval_split, cfg.data.eval_subset)
+    for ds in (train, test):
+        if ds.labels is None or (ds.labels < 0).all():
+            raise SeppError(f"evaluation needs labels; split {ds.split!r} of {ds.name} has none — set "
+                            "data.eval_train_split / data.eval_split to labelled splits (e.g. train and test)")
+    return train, test
+
+
+def eval_input(ds, size: int, dataset_name: str, device=None):
+    """``(data, normalize)`` to feed ``ds`` to a backbone: ``((uint8 images, labels), normalizer)`` when the
+    dataset is in memory at ``size`` pixels (no decoding; on ``device`` when given), else ``(ds, None)``."""
+    images = ds.uint8_images()
+    if images is None or tuple(images.shape[-2:]) != (size, size):
+        return ds, None
+    if device is not None:
+        images = images.to(device)
+    return (images, torch.as_tensor(ds.labels)), uint8_normalizer(*mean_std(dataset_name))
+
+
+def features(backbone, ds, cfg, device) -> torch.Tensor:
+    """Backbone features (float32 ``[N, D]``, CPU) of an evaluation split of ``cfg.data``."""
+    data, normalize = eval_input(ds, cfg.data.image_size, cfg.data.name)
+    return features_of(backbone, data, device, cfg.eval.batch_size, normalize=normalize)
