@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from torchvision.models import ResNet, resnet18
 
 from sepp.errors import SeppError
-from sepp.methods import METHODS, build_method
+from sepp.methods import METHODS, Method, build_method
 from sepp.methods.byol import BYOL, byol_tau
 from sepp.methods.mocov2 import MoCoV2
 from sepp.methods.queue import MemoryQueue
@@ -218,6 +218,24 @@ def test_method_trains_one_step_with_finite_loss_and_gradients(method):
     assert {id(p) for p in grouped} == {id(p) for p in trainable}
     assert all("name" in g and g["lr"] == 0.05 for g in groups)
     assert model.backbone(x1).shape == (4, 128) and model.projector is not None
+
+
+@pytest.mark.parametrize("method, names", [("mocov2", ["backbone", "projector"]),
+                                           ("simclr", ["backbone", "projector"]),
+                                           ("simsiam", ["backbone", "projector", "predictor"]),
+                                           ("byol", ["backbone", "projector", "predictor"]),
+                                           ("nnclr", ["backbone", "projector", "predictor"])])
+def test_param_groups_come_from_the_method_base(method, names):
+    """One default (sepp.methods.base.Method): a group per trained child, momentum/target copies left out."""
+    model = build_method(config(method, **SMALL[method]))
+    assert isinstance(model, Method) and [g["name"] for g in model.param_groups(0.1)] == names
+    assert ("param_groups" in vars(type(model))) == (method == "simsiam")  # only SimSiam overrides it
+    assert type(model).has_negatives() == (method in ("mocov2", "simclr"))
+
+
+def test_nnclr_projector_ends_in_an_affine_bn_like_solo_learn():
+    last = build_method(config("nnclr", **SMALL["nnclr"])).projector[-1]
+    assert isinstance(last, nn.BatchNorm1d) and last.affine
 
 
 def test_simsiam_predictor_has_fixed_lr():

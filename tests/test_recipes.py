@@ -318,7 +318,7 @@ def test_sync_bn_is_on_by_default_under_ddp_where_the_paper_uses_it(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     small = ["model.backbone=resnet18_narrow", "device=cuda"]
     for name, expected in [("cifar10_simclr", True), ("cifar10_simsiam", True), ("cifar10_byol", True),
-                           ("cifar10_mocov2", False)]:
+                           ("cifar10_nnclr", True), ("cifar10_mocov2", False)]:
         cfg = resolve(load_config(name, small))
         assert cfg.model.sync_bn is expected, name
         model = build_model(cfg, torch.device("cpu"), world=2)

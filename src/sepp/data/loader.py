@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sepp.data.datasets import IndexedDataset
+from sepp.data.sampling import epoch_plan, shard
 
 
 class PlanSampler(Sampler):
@@ -47,8 +48,6 @@ class PlanSampler(Sampler):
 
     def plan(self) -> tuple[np.ndarray, ...]:
         """``(ids1, ids2)`` (``views=3``: ``(ids1, ids2, ids3)``) of this process for the current epoch."""
-        from sepp.data.sampling import epoch_plan, shard
-
         plan = epoch_plan(self.num_images, self.epoch, self.seed, self.pairs, self.mode, self.p, self.views)
         return shard(*plan, rank=self.rank, world=self.world, batch_size=self.batch_size)
 

@@ -9,12 +9,15 @@ instead (:mod:`sepp.models.detectron2`).
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_save, file_hash, load_trained
 from ..errors import SeppError
+from ..models import detectron2 as d2
+from ..models.backbones import torchvision_resnet
+from .checkpoint import atomic_save, file_hash, load_trained
 
 FORMATS = ("torchvision", "detectron2")
 
@@ -32,8 +35,6 @@ def export_backbone(checkpoint: str, out: str, format: str = "torchvision") -> d
             "epoch": ckpt["epoch"], "source": str(checkpoint), "source_sha256": file_hash(checkpoint),
             "format": format}
     if format == "detectron2":
-        from ..models import detectron2 as d2
-
         d2.check_exportable(info["arch"], info["cifar_stem"])
         d2.write_detectron2(state, out)
         info.update(detectron2_config=d2.DETECTRON2_CONFIG,
@@ -48,17 +49,11 @@ def export_backbone(checkpoint: str, out: str, format: str = "torchvision") -> d
 
 def load_exported(path: str) -> torch.nn.Module:
     """The torchvision ResNet described by an export's sidecar, with its weights loaded strictly."""
-    from ..models.backbones import torchvision_resnet
-
     info = json.loads(Path(str(path) + ".json").read_text())
     model = torchvision_resnet(info["arch"], info["cifar_stem"])
     if info.get("format") == "detectron2":
-        import pickle
-
-        from ..models.detectron2 import from_detectron2
-
         with open(path, "rb") as f:
-            state = from_detectron2(pickle.load(f))
+            state = d2.from_detectron2(pickle.load(f))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)

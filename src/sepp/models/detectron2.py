@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import SeppError
+from ..fileio import atomic_write
 
 # What must go with the weights in the Detectron2 config (the MoCo detection configs' values).
 DETECTRON2_CONFIG = {
@@ -73,8 +74,6 @@ def check_exportable(arch: str, cifar_stem: bool) -> None:
 
 def write_detectron2(state: dict[str, torch.Tensor], path) -> None:
     """Write the pickle (protocol 4, readable by Detectron2's ``DetectionCheckpointer``)."""
-    from ..fileio import atomic_write
-
     payload = to_detectron2(state)
     atomic_write(path, lambda f: pickle.dump(payload, f, protocol=4))
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sepp.eval.stats import SCORES
+from sepp.eval.stats import SCORES, format_difference, format_mean_std
 
 
 def _pct(v, scale=1.0):
@@ -19,8 +19,6 @@ SCORE_LABELS = {name: f"{label} (%)" for name, (_, label) in SCORES.items()}
 
 
 def write_report(out: Path, results: dict, stats: dict, cfg) -> Path:
-    from sepp.eval.stats import format_difference, format_mean_std
-
     scored = [m for m in SCORE_LABELS if m in results.get("evals", ["knn", "linear"])]
 
     m, s = results["mining"], results["sepp"]
