@@ -9,7 +9,8 @@
     sepp augment-grid --config FILE [--out PNG] [key=value ...]
 
 Bad input ends with one ``error: ...`` line and exit status 2; an interrupt leaves a resumable checkpoint
-(exit status 130).
+(exit status 130). The CLI is the top layer: each subcommand imports what it runs when it runs (so `sepp --help`
+starts at once); configs are resolved through :func:`sepp.engine.setup.resolve`, which checks every registry.
 """
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ def resolve(cfg):
     cls = METHODS[cfg.method]
     if cfg.model.sync_bn is None:
         cfg.model.sync_bn = cls.sync_bn and cfg.device == "cuda"
-    for key in ("mask_negatives", "batch_positives"):
+    for key in ("batch_positives", "mask_negatives"):
         if cfg.sepp[key] and not cls.has_negatives():
             with_negatives = ", ".join(n for n, c in METHODS.items() if c.has_negatives())
             raise SeppError(f"sepp.{key}=true needs a method with negatives ({with_negatives}); "
