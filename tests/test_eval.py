@@ -295,3 +295,53 @@ def test_plot_curves_writes_png_and_skips_empty_cells(tmp_path):
     assert out.stat().st_size > 5000
     with pytest.raises(SeppError, match="not found"):
         plot_curves({"x": tmp_path / "missing.csv"}, tmp_path / "c.png")
+
+
+def test_shared_features_give_the_same_scores_with_one_extraction_per_split(cifar_root, tmp_path, monkeypatch):
+    """`sepp run` evaluates an arm with one feature memo: kNN, linear probe and pair cosine then extract each
+    split once, and every score equals the one computed without the memo."""
+    import sepp.eval.data as eval_data_mod
+    from conftest import tiny_overrides
+    from sepp.config import load_config
+    from sepp.data.pairs import Pairs, save_pairs
+    from sepp.engine.setup import resolve
+    from sepp.eval.pairs import pair_cosine
+    from sepp.eval.run import knn_from_method, linear_from_method
+    from sepp.methods import build_method
+
+    cfg = resolve(load_config("demo", tiny_overrides(cifar_root, tmp_path, method="simclr", subset=50)
+                              + ["data.eval_subset=40", "eval.knn_k=5", "eval.linear_epochs=2"]))
+    torch.manual_seed(0)
+    method = build_method(cfg).eval()
+    save_pairs(tmp_path / "pairs.npz", Pairs(np.arange(10), np.arange(10, 20), np.zeros(10, np.float32), {}))
+    plain = (knn_from_method(method, cfg), linear_from_method(method, cfg)["top1"],
+             pair_cosine(method.backbone, cfg, tmp_path / "pairs.npz"))
+    calls = []
+    real = eval_data_mod.features_of
+    monkeypatch.setattr(eval_data_mod, "features_of", lambda *a, **k: calls.append(1) or real(*a, **k))
+    memo: dict = {}
+    shared = (knn_from_method(method, cfg, memo), linear_from_method(method, cfg, memo)["top1"],
+              pair_cosine(method.backbone, cfg, tmp_path / "pairs.npz", memo=memo))
+    assert shared == plain
+    assert len(calls) == 2 and len(memo) == 2  # the training subset and the test split, once each
+
+
+def test_pair_cosine_samples_large_pair_files(cifar_root, tmp_path):
+    """More pairs than ``max_pairs``: a seeded sample of them, the same for the same seed."""
+    from conftest import tiny_overrides
+    from sepp.config import load_config
+    from sepp.data.pairs import Pairs, save_pairs
+    from sepp.engine.setup import resolve
+    from sepp.eval.pairs import pair_cosine
+    from sepp.methods import build_method
+
+    cfg = resolve(load_config("demo", tiny_overrides(cifar_root, tmp_path, method="simclr", subset=50)))
+    torch.manual_seed(0)
+    backbone = build_method(cfg).backbone.eval()
+    i = np.repeat(np.arange(50), 49)
+    j = np.concatenate([np.delete(np.arange(50), a) for a in range(50)])
+    save_pairs(tmp_path / "pairs.npz", Pairs(i, j, np.zeros(len(i), np.float32), {}))
+    full = pair_cosine(backbone, cfg, tmp_path / "pairs.npz")
+    sampled = [pair_cosine(backbone, cfg, tmp_path / "pairs.npz", max_pairs=500) for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    assert abs(sampled[0]["pairs"] - full["pairs"]) < 0.02  # every ordered pair once: a fair sample is close

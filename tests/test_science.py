@@ -377,3 +377,46 @@ def test_precision_sweep_runs_end_to_end(cifar_root, tmp_path):
     assert "oracle, P = 1.0" in (out / "precision_sweep.md").read_text()
     assert (out / "precision_gain.png").stat().st_size > 1000
 
+
+
+def _load_benchmark(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_label_headroom_learns_the_labels_and_writes_its_table(cifar_root, tmp_path):
+    """benchmarks/label_headroom.py: the supervised reference really fits the labels of the images it trains
+    on (well above chance after 60 steps) and writes its DIAGNOSTIC JSON and table."""
+    import torch
+
+    from sepp.data.datasets import build_dataset
+    from sepp.data.recipes import mean_std
+    from sepp.data.transforms import uint8_normalizer
+    from sepp.engine.setup import resolve
+
+    headroom = _load_benchmark("label_headroom")
+    overrides = [*tiny_overrides(cifar_root, tmp_path, method="simclr", subset=40, batch=20),
+                 "train.warmup_epochs=0"]
+    cfg = resolve(load_config("demo", overrides))
+    train = build_dataset(cfg.data, split=cfg.data.split)
+    x = uint8_normalizer(*mean_std(cfg.data.name))(train.uint8_images().float() / 255)
+    y = torch.as_tensor(train.labels)
+    accuracy = {}
+    for steps in (0, 60):
+        model = headroom.train_supervised(cfg, steps=steps, seed=0, device=torch.device("cpu")).eval()
+        with torch.no_grad():
+            accuracy[steps] = (model(x).argmax(1) == y).float().mean().item()
+    assert accuracy[60] > accuracy[0] + 0.2  # chance is 0.1; measured 0.375 after 60 steps
+
+    out = tmp_path / "headroom"
+    result = headroom.main(["--steps", "2", "--seeds", "0,1", "--out", str(out), *overrides,
+                            "data.eval_subset=100", "eval.linear_epochs=1"])
+    assert set(result["steps"]) == {2} and len(result["steps"][2]["runs"]) == 2
+    assert json.loads((out / "label_headroom.json").read_text())["diagnostic"].startswith("supervised")
+    assert (out / "label_headroom.md").read_text().startswith("DIAGNOSTIC")

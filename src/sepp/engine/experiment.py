@@ -261,10 +261,11 @@ def _evaluate(ckpt: Path, cfg: DictConfig, pairs_path: Path | None = None) -> di
         t0 = time.time()
         overrides = [f"device={cfg.device}", f"data.root={cfg.data.root}", f"data.workers={cfg.data.workers}"]
         method, ecfg, _ = load_trained(ckpt, overrides)
+        memo: dict = {}  # this arm's features, extracted once for kNN, the linear probe and the pair cosine
         if "knn" in wanted:
-            result["knn_top1"] = knn_from_method(method, ecfg)
+            result["knn_top1"] = knn_from_method(method, ecfg, memo)
         if "linear" in wanted:
-            result["linear_top1"] = linear_from_method(method, ecfg)["top1"]
+            result["linear_top1"] = linear_from_method(method, ecfg, memo)["top1"]
         if "finetune" in wanted:
             result["finetune_top1"] = finetune_checkpoint(str(ckpt), overrides,
                                                           out=str(ckpt.parent / "finetune.json"))["finetune_top1"]
@@ -272,7 +273,7 @@ def _evaluate(ckpt: Path, cfg: DictConfig, pairs_path: Path | None = None) -> di
             result["transfer_score"] = transfer_checkpoint(str(ckpt), overrides,
                                                            out=str(ckpt.parent / "transfer.json"))["transfer_score"]
         if pairs_path is not None and pairs_path.exists():
-            result["pair_cosine"] = pair_cosine(method.backbone, ecfg, pairs_path)
+            result["pair_cosine"] = pair_cosine(method.backbone, ecfg, pairs_path, memo=memo)
         result["seconds"] = time.time() - t0
         path.write_text(json.dumps(result, indent=2))
     return dist_utils.broadcast_object(result)

@@ -44,7 +44,15 @@ def eval_input(ds, size: int, dataset_name: str, device=None):
     return (images, torch.as_tensor(ds.labels)), uint8_normalizer(*mean_std(dataset_name))
 
 
-def features(backbone, ds, cfg, device) -> torch.Tensor:
-    """Backbone features (float32 ``[N, D]``, CPU) of an evaluation split of ``cfg.data``."""
+def features(backbone, ds, cfg, device, memo: dict | None = None) -> torch.Tensor:
+    """Backbone features (float32 ``[N, D]``, CPU) of an evaluation split of ``cfg.data``. ``memo``: a dict
+    kept for one frozen backbone, so that evaluations sharing a split (kNN, linear probe, pair cosine)
+    extract its features once."""
+    key = (ds.name, ds.split, len(ds))
+    if memo is not None and key in memo:
+        return memo[key]
     data, normalize = eval_input(ds, cfg.data.image_size, cfg.data.name)
-    return features_of(backbone, data, device, cfg.eval.batch_size, normalize=normalize)
+    out = features_of(backbone, data, device, cfg.eval.batch_size, normalize=normalize)
+    if memo is not None:
+        memo[key] = out
+    return out

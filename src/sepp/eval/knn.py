@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sepp.errors import SeppError
-from sepp.eval.data import eval_input, eval_splits
+from sepp.eval.data import eval_input, eval_splits, features
 from sepp.models.features import features_of, labels_of
 
 # Cap on the [rows, N_train] similarity block, so memory stays bounded whatever ``chunk`` and N are.
@@ -116,10 +116,19 @@ def evaluate_knn(
                     device=device)
 
 
-def knn_eval(backbone: nn.Module, cfg, device: torch.device | str, cache: dict | None = None) -> float:
+def knn_eval(backbone: nn.Module, cfg, device: torch.device | str, cache: dict | None = None,
+             memo: dict | None = None) -> float:
     """Weighted kNN top-1 of ``backbone`` on the evaluation splits of ``cfg`` (``eval.knn_k``, ``eval.knn_t``):
     the one kNN entry of the training monitor, ``sepp eval knn`` and ``sepp run``. ``cache`` keeps the splits
-    (in-memory images on the device) between the monitor's calls."""
+    (in-memory images on the device) between the monitor's calls; ``memo`` (one frozen backbone's features,
+    see :func:`sepp.eval.data.features`) shares the extracted features with the other evaluations."""
+    if memo is not None:
+        train, test = eval_splits(cfg)
+        ftr, fte = (features(backbone, ds, cfg, device, memo) for ds in (train, test))
+        ytr = labels_of(train)
+        keep = ytr >= 0
+        return knn_top1(ftr[keep], ytr[keep], fte, labels_of(test), len(train.classes), cfg.eval.knn_k,
+                        cfg.eval.knn_t, device=device)
     cache = {} if cache is None else cache
     if "knn" not in cache:
         train, test = eval_splits(cfg)

@@ -14,16 +14,17 @@ from .knn import knn_eval
 from .linear import linear_probe
 
 
-def knn_from_method(method, cfg) -> float:
-    return knn_eval(method.backbone, cfg, torch.device(cfg.device))
+def knn_from_method(method, cfg, memo: dict | None = None) -> float:
+    """kNN top-1 of a trained method's backbone (``memo``: see :func:`sepp.eval.data.features`)."""
+    return knn_eval(method.backbone, cfg, torch.device(cfg.device), memo=memo)
 
 
-def linear_from_method(method, cfg) -> dict:
+def linear_from_method(method, cfg, memo: dict | None = None) -> dict:
     """The linear probe of ``eval.linear_protocol`` (standard | fast; see sepp.eval.linear)."""
     device = torch.device(cfg.device)
     train, test = eval_splits(cfg)
     return linear_probe(method.backbone, cfg, train, test, device,
-                        lambda backbone, ds: features(backbone, ds, cfg, device))
+                        lambda backbone, ds: features(backbone, ds, cfg, device, memo))
 
 
 def evaluate_checkpoint(kind: str, checkpoint: str, overrides=(), out: str | None = None) -> dict:
