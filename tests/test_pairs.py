@@ -231,3 +231,16 @@ def test_mine_pairs_never_reads_labels(tmp_path):
     np.testing.assert_array_equal(a.i, b.i)
     np.testing.assert_array_equal(a.j, b.j)
     assert not (tmp_path / "a" / "pairs_gallery.png").exists()
+
+
+@pytest.mark.parametrize("mode", ["enlarge", "substitute", "multi"])
+def test_epoch_plan_takes_the_pairs_type_as_the_arrays(mode):
+    """The trainer hands the loaders its :class:`Pairs` unchanged; the plan equals the one from ``(i, j)``."""
+    from sepp.data.pairs import Pairs
+    from sepp.data.sampling import epoch_plan
+
+    i, j = np.array([0, 1, 2, 2, 5]), np.array([3, 4, 0, 7, 6])
+    views = 3 if mode == "multi" else 2
+    a = epoch_plan(8, 2, 1, Pairs(i, j), mode=mode, views=views)
+    b = epoch_plan(8, 2, 1, (i, j), mode=mode, views=views)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)) and len(a) == len(b) == views

@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from sepp.data.pairs import Pairs
 from sepp.data.sampling import epoch_plan, shard
 from sepp.errors import SeppError
 
@@ -27,14 +28,14 @@ class DeviceLoader:
 
     ``images`` is the whole uint8 dataset ``[N, 3, H, W]`` (copied to ``device`` once); ``aug1``/``aug2`` are
     batched augmentations such as :class:`sepp.data.gpu_augment.BatchAugment`. Each process (``rank`` of
-    ``world``) takes its shard of the shared epoch plan; ``pairs=(i, j)`` are semantic pairs for the plan.
+    ``world``) takes its shard of the shared epoch plan; ``pairs`` (a :class:`~sepp.data.pairs.Pairs` or ``(i, j)`` arrays) are semantic pairs for the plan.
     Random draws come from a generator on ``device`` seeded by ``(seed, rank, epoch)``, so an epoch's
     batches are reproducible.
     """
 
     def __init__(self, images: torch.Tensor, aug1: Augment, aug2: Augment, batch_size: int, seed: int,
                  device: torch.device | str, rank: int = 0, world: int = 1,
-                 pairs: tuple[np.ndarray, np.ndarray] | None = None, mode: str = "enlarge", p: float = 0.5,
+                 pairs: Pairs | tuple[np.ndarray, np.ndarray] | None = None, mode: str = "enlarge", p: float = 0.5,
                  views: int = 2):
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise SeppError(f"device loader needs uint8 images [N, 3, H, W], got {images.dtype} "

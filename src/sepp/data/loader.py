@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sepp.data.datasets import IndexedDataset
+from sepp.data.pairs import Pairs
 from sepp.data.sampling import epoch_plan, shard
 
 
@@ -24,7 +25,7 @@ class PlanSampler(Sampler):
     process agrees on it and a resumed run repeats the same order."""
 
     def __init__(self, num_images: int, seed: int, batch_size: int, rank: int = 0, world: int = 1,
-                 pairs: tuple[np.ndarray, np.ndarray] | None = None, mode: str = "enlarge", p: float = 0.5,
+                 pairs: Pairs | tuple[np.ndarray, np.ndarray] | None = None, mode: str = "enlarge", p: float = 0.5,
                  views: int = 2):
         super().__init__()
         self.views = int(views)
@@ -85,7 +86,7 @@ class TwoViewDataset(Dataset):
 
 
 def build_loader(dataset: IndexedDataset, t1: Callable, t2: Callable, batch_size: int, workers: int, seed: int,
-                 rank: int = 0, world: int = 1, pairs: tuple[np.ndarray, np.ndarray] | None = None,
+                 rank: int = 0, world: int = 1, pairs: Pairs | tuple[np.ndarray, np.ndarray] | None = None,
                  mode: str = "enlarge", p: float = 0.5, views: int = 2) -> DataLoader:
     """Training loader yielding ``(x1, x2, ids1, ids2[, x3, ids3])``; call ``loader.sampler.set_epoch(e)`` each
     epoch."""

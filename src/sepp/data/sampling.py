@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from sepp.data.pairs import Pairs
+
 MODES = ("enlarge", "substitute", "multi")
 
 
@@ -47,7 +49,7 @@ def _draw_partners(anchors: np.ndarray, pi: np.ndarray, pj: np.ndarray, num_imag
     return partners
 
 
-def epoch_plan(num_images: int, epoch: int, seed: int, pairs=None, mode: str = "enlarge",
+def epoch_plan(num_images: int, epoch: int, seed: int, pairs: Pairs | tuple | None = None, mode: str = "enlarge",
                p: float = 0.5, views: int = 2) -> tuple[np.ndarray, ...]:
     """The shuffled ``(ids1, ids2)`` (``views=3``: ``(ids1, ids2, ids3)``) int64 arrays of one epoch, the same
     on every process."""
@@ -59,6 +61,8 @@ def epoch_plan(num_images: int, epoch: int, seed: int, pairs=None, mode: str = "
         raise ValueError("mode='multi' gives each anchor a third (partner) view: pass views=3")
     rng = _rng(seed, epoch)
     base = np.arange(num_images, dtype=np.int64)
+    if isinstance(pairs, Pairs):
+        pairs = (pairs.i, pairs.j)
     if pairs is None or len(pairs[0]) == 0:
         order = rng.permutation(num_images)
         return (base[order],) + tuple(base[order].copy() for _ in range(views - 1))

@@ -66,7 +66,7 @@ def build_train_loader(cfg, dataset, device, rank, world, pairs: Pairs | None, i
     """The device-resident path for in-memory datasets, the DataLoader path otherwise."""
     spec1, spec2 = view_specs(cfg.method, cfg.data.image_size, cfg.data.name)
     per_rank = cfg.train.batch_size // world
-    common = dict(seed=cfg.seed, rank=rank, world=world, pairs=None if pairs is None else (pairs.i, pairs.j),
+    common = dict(seed=cfg.seed, rank=rank, world=world, pairs=pairs,
                   mode=cfg.sepp.mode, p=cfg.sepp.p, views=cfg.train.views)
     if choose_pipeline(cfg, dataset) == "device":
         if images is None:
