@@ -6,11 +6,12 @@
 #   0. calibration: one epoch of the recipe (train.max_steps = one epoch) measures the seconds per epoch;
 #   1. MoCo-v2 baseline pretraining for E epochs, E planned from that measurement so everything fits the budget;
 #   2. mining over all 50,000 images with that encoder (exact cosine top-5, backbone features);
-#   3. SePP training from scratch for E epochs with the best setting of the science runs (benchmarks/RESULTS.md,
-#      README "What we found"): sepp.mode=substitute, p=0.5, masked negatives (sepp.mask_negatives=true), k=5;
-#   4. the step-matched baseline: substitute epochs have N samples, so the SePP arm has exactly the phase-1
-#      baseline's optimizer steps and `sepp run` reuses phase 1 as the comparison baseline (same seed, recipe and
-#      steps; it differs from the SePP arm only in the pairs);
+#   3. SePP training that continues from the phase-1 encoder for E/2 epochs in the setting where the CPU science
+#      runs found label-correct pairs to pay off (benchmarks/RESULTS.md 2026-12-03, README "What we found"):
+#      run.init=baseline, sepp.mode=substitute, p=0.5, masked negatives, sepp.batch_positives=true (known
+#      partners' keys in the queue count as positives), k=5 mined neighbours;
+#   4. the step-matched baseline: continues from the same phase-1 encoder for the same E/2 epochs (substitute
+#      epochs have N samples, so both arms have the same optimizer steps and differ only in the pairs);
 #   5. kNN (k 200, T 0.1, full 10,000-image test set) of both; `sepp run` prints the table.
 # Writes to $OUT: results.json (sepp run's, plus "plan": epochs, measured seconds/epoch, budget, what is left
 # out), report.md, curves.png, pairs_gallery.png, similarity_hist.png, mining.json, config.yaml, the arms'
@@ -19,12 +20,13 @@
 # Planning assumption (no GPU number is recorded yet, benchmarks/RESULTS.md): ~8,000 samples/s for MoCo-v2
 # symmetric ResNet-18 CIFAR at batch 512 in bf16 on an H100/H200, i.e. ~6-7 s per epoch, so ~30 epochs per
 # arm fit; the script does not trust the assumption but measures the epoch time first and plans
-# E = floor(0.9 * (budget left - reserve) / (2 * epoch seconds)), capped at 100 (reserve: mining, kNN,
+# E = floor(0.9 * (budget left - reserve) / (2 * epoch seconds)), capped at 100, for phase 1 and E/2 for each
+# continuing arm (2 E epochs in all; reserve: mining, kNN,
 # pictures, process start-ups). If the calibration fails it falls back to the assumption (EPOCHS=30).
 # Override with EPOCHS=N or BUDGET_S=seconds (default 540 = 9 minutes, counted from the script's start).
 #
 # Left out compared with the 800-epoch configs (configs/experiments/cifar10_sepp_mocov2.yaml): ~E instead of
-# 800 epochs per arm (kNN far below the demo's 89.7; the mining encoder is correspondingly weaker, so pair
+# 800 epochs per phase, continuation instead of training the SePP model from scratch (kNN far below the demo's 89.7; the mining encoder is correspondingly weaker, so pair
 # precision is lower than the paper's), one seed (no interval; the CPU science runs show +-1.2 points of seed
 # noise), no linear probe (the standard protocol alone takes 100 epochs), no kNN monitor during training,
 # no intermediate checkpoints, substitute mode instead of the paper's enlarge mode (enlarge would make the SePP
@@ -74,7 +76,8 @@ else
   CAL_STEPS=$((50000 / 512))  # one epoch (the first includes cuDNN autotuning: a conservative estimate)
 fi
 RECIPE=(train.knn_every=0 train.save_every=0 train.log_every=50 mine.k=5 mine.threshold=0.0
-        sepp.mode=substitute sepp.p=0.5 sepp.mask_negatives=true run.init=scratch run.budget=steps
+        sepp.mode=substitute sepp.p=0.5 sepp.mask_negatives=true sepp.batch_positives=true run.init=baseline
+        run.budget=steps
         "run.evals=[knn]" "run.seeds=[]" seed=0)
 # One Python process for every phase (torch and sepp are imported once): calibration, planning, `sepp run`.
 "$PY" - "$OUT" "$WORK" "$T0" "$BUDGET_S" "$RESERVE_S" "$MAX_EPOCHS" "${EPOCHS:-}" "$CAL_STEPS" "$SMOKE" \
@@ -108,10 +111,12 @@ epochs = int(forced) if forced else max(1, min(int(cap), math.floor(0.9 * left /
 plan.update(epoch_s=epoch_s, seconds_left_for_training=left, epochs=epochs)
 print("plan:", json.dumps(plan), flush=True)
 
-print(f"== sepp run: baseline {epochs} epochs -> mining over all images -> SePP {epochs} epochs -> kNN of both",
-      flush=True)
+arm_epochs = max(1, epochs // 2)
+plan["continuation_epochs"] = arm_epochs
+print(f"== sepp run: baseline {epochs} epochs -> mining over all images -> SePP and baseline continue "
+      f"{arm_epochs} epochs each -> kNN of both", flush=True)
 cfg = load_config("cifar10_mocov2", common + recipe + [f"train.epochs={epochs}", f"run.baseline_epochs={epochs}",
-                                                       f"run.sepp_epochs={epochs}", f"out={work / 'run'}"])
+                                                       f"run.sepp_epochs={arm_epochs}", f"out={work / 'run'}"])
 res = run_experiment(cfg, progress=False)
 print()
 print(comparison_table(res))
@@ -119,16 +124,17 @@ run = work / "run"
 for name in ("report.md", "curves.png", "pairs_gallery.png", "similarity_hist.png", "config.yaml"):
     if (run / name).exists():
         shutil.copyfile(run / name, out / name)
-for src, dst in (("mining/mining.json", "mining.json"), ("pretrain/metrics.csv", "baseline_metrics.csv"),
-                 ("sepp/metrics.csv", "sepp_metrics.csv")):
+for src, dst in (("mining/mining.json", "mining.json"), ("pretrain/metrics.csv", "pretrain_metrics.csv"),
+                 ("baseline/metrics.csv", "baseline_metrics.csv"), ("sepp/metrics.csv", "sepp_metrics.csv")):
     if (run / src).exists():
         shutil.copyfile(run / src, out / dst)
 res["plan"] = {**plan, "wall_s": time.time() - float(t0), "smoke": smoke == "1",
-               "left_out": ["800 epochs per arm", "seeds and intervals", "linear probe", "kNN monitor",
+               "left_out": ["800 epochs per arm", "training the SePP model from scratch", "seeds and intervals",
+                            "linear probe", "kNN monitor",
                             "enlarge mode"]}
 (out / "results.json").write_text(json.dumps(res, indent=2))
 b, s = res["baseline"]["knn_top1"], res["sepp"]["knn_top1"]
-print(f"kNN top-1: baseline {b:.2f}, SePP {s:.2f}, SePP - baseline {s - b:+.2f} ({epochs} epochs each, "
+print(f"kNN top-1: baseline {b:.2f}, SePP {s:.2f}, SePP - baseline {s - b:+.2f} ({arm_epochs} epochs each after {epochs}, "
       f"{res['sepp']['steps']} steps; pair precision {res['mining'].get('precision')}; "
       f"wall {res['plan']['wall_s']:.0f} s)")
 PYEOF
