@@ -18,10 +18,9 @@ ARMS = (("baseline", "baseline (same optimizer steps)"),
 SCORE_LABELS = {name: f"{label} (%)" for name, (_, label) in SCORES.items()}
 
 
-def write_report(out: Path, results: dict, stats: dict, cfg) -> Path:
-    scored = [m for m in SCORE_LABELS if m in results.get("evals", ["knn", "linear"])]
-
-    m, s = results["mining"], results["sepp"]
+def _header(results: dict, scored: list[str]) -> list[str]:
+    """The DIAGNOSTIC banner (oracle pairs), the title, the setting and the head of the results table."""
+    s = results["sepp"]
     seeds = results.get("seeds", [])
     lines = [f"> **{results['diagnostic']}** — an upper bound for research, not a result of mining.", ""] \
         if results.get("diagnostic") else []
@@ -41,6 +40,13 @@ def write_report(out: Path, results: dict, stats: dict, cfg) -> Path:
         + " | ".join(SCORE_LABELS[m] for m in scored) + " |",
         "|---|---|---|---|---|" + "---|" * len(scored),
     ]
+    return lines
+
+
+def _results(results: dict, scored: list[str]) -> list[str]:
+    """One row per arm, the paired differences, the pair cosines, the per-seed table and the curves."""
+    seeds = results.get("seeds", [])
+    lines = []
     for name, label in ARMS:
         if name in results:
             r = results[name]
@@ -74,16 +80,22 @@ def write_report(out: Path, results: dict, stats: dict, cfg) -> Path:
     if results["dataset"] == "cifar10":
         lines += ["CIFAR-10 here may be the JPEG-degraded copy of the development machines: compare the two "
                   "rows with each other, not with published tables.", ""]
+    lines += ["![kNN accuracy and loss against optimizer steps](curves.png)", ""]
+    return lines
+
+
+def _pairs(m: dict, stats: dict) -> list[str]:
+    """Where the pairs come from, their statistics (precision only for reporting) and pictures."""
     source = (f"DIAGNOSTIC pairs from the labels (`mine.oracle={m['oracle']}`"
               + (f", precision {m['oracle_precision']}" if m.get("oracle_precision") is not None else "")
               + f"), k = {m['k']}; similarities from encoder `{m['encoder']}`." if m.get("oracle", "none") != "none"
               else f"Encoder `{m['encoder']}`, features `{m['features']}`, top-k = {m['k']} (ranks "
                    f"{m.get('rank_from', 1)}..{m['k']}), threshold = {m['threshold']}, mutual = {m['mutual']}.")
-    lines += ["![kNN accuracy and loss against optimizer steps](curves.png)", "", "## Pairs", "", source, "",
-              "| pairs | images | coverage | label precision |", "|---|---|---|---|",
-              f"| {m['num_pairs']} | {m['num_images']} | {_pct(m['coverage'], 100)} % | "
-              f"{'n/a (no labels; never used for mining)' if m['precision'] is None else _pct(m['precision'], 100) + ' %'} |",
-              ""]
+    lines = ["## Pairs", "", source, "",
+             "| pairs | images | coverage | label precision |", "|---|---|---|---|",
+             f"| {m['num_pairs']} | {m['num_images']} | {_pct(m['coverage'], 100)} % | "
+             f"{'n/a (no labels; never used for mining)' if m['precision'] is None else _pct(m['precision'], 100) + ' %'} |",
+             ""]
     q = stats.get("sim")
     if q and None not in q.values():
         lines += ["Cosine similarity of kept pairs: " + ", ".join(f"{k} {v:.3f}" for k, v in q.items()), ""]
@@ -97,8 +109,15 @@ def write_report(out: Path, results: dict, stats: dict, cfg) -> Path:
         lines += ["Most frequent wrong-class pairs: " + ", ".join(
             f"{' / '.join(c['classes'])} ({c['count']})" for c in confused[:10]) + ".", ""]
     lines += ["![anchors and their mined partners](pairs_gallery.png)", "",
-              "![similarity of mined pairs](similarity_hist.png)", "", "## Time", "",
-              "| phase | seconds |", "|---|---|"]
+              "![similarity of mined pairs](similarity_hist.png)", ""]
+    return lines
+
+
+def write_report(out: Path, results: dict, stats: dict, cfg) -> Path:
+    """``out/report.md``: the setting, the arms' scores and paired differences, the pairs, the time per phase."""
+    scored = [m for m in SCORE_LABELS if m in results.get("evals", ["knn", "linear"])]
+    lines = _header(results, scored) + _results(results, scored) + _pairs(results["mining"], stats)
+    lines += ["## Time", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in results["seconds"].items()]
     lines += ["", "Full configuration: `config.yaml`; per-epoch metrics: `*/metrics.csv`; machine-readable "
               "results: `results.json`.", ""]
