@@ -28,7 +28,8 @@ class DeviceLoader:
 
     ``images`` is the whole uint8 dataset ``[N, 3, H, W]`` (copied to ``device`` once); ``aug1``/``aug2`` are
     batched augmentations such as :class:`sepp.data.gpu_augment.BatchAugment`. Each process (``rank`` of
-    ``world``) takes its shard of the shared epoch plan; ``pairs`` (a :class:`~sepp.data.pairs.Pairs` or ``(i, j)`` arrays) are semantic pairs for the plan.
+    ``world``) takes its shard of the shared epoch plan; ``pairs`` (a :class:`~sepp.data.pairs.Pairs` or
+    ``(i, j)`` arrays) are semantic pairs for the plan.
     Random draws come from a generator on ``device`` seeded by ``(seed, rank, epoch)``, so an epoch's
     batches are reproducible.
     """
