@@ -1,13 +1,14 @@
 """The method contract (docs/ARCHITECTURE.md): what the trainer, mining and evaluation rely on."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 
 class Method(nn.Module):
     """Base of every SSL method. A subclass sets ``backbone`` (images -> pooled ``[B, feat_dim]`` features) and
-    ``projector`` (features -> embedding) and implements ``forward``; the rest has defaults it may override.
+    ``projector`` (features -> embedding) and implements ``forward(x1, x2, ids1, ids2, x3=None, ids3=None) ->
+    {"loss": ..., ...}`` (nn.Module's own check reports a subclass that forgets it); the rest has defaults it may
+    override.
 
     Class attributes: ``sync_bn`` (the paper synchronises BN across devices, so SyncBatchNorm is the
     default under DDP on CUDA, ``model.sync_bn``). A method whose loss has negatives also defines
@@ -18,10 +19,6 @@ class Method(nn.Module):
     sync_bn: bool = False
     backbone: nn.Module
     projector: nn.Module
-
-    def forward(self, x1, x2, ids1, ids2, x3=None, ids3=None) -> dict[str, torch.Tensor]:
-        """The loss of a ``(x1, x2, ids1, ids2[, x3, ids3])`` batch as ``{"loss": ..., ...}``."""
-        raise NotImplementedError(f"{type(self).__name__} must define forward")
 
     def after_step(self, progress: float) -> None:
         """Called after every optimizer step with the run's progress in [0, 1] (momentum / EMA updates);
