@@ -19,7 +19,7 @@ from sepp.methods.checkpoint import load_trained
 from sepp.distributed import init_distributed
 from sepp.engine.trainer import pretrain
 from sepp.errors import SeppError
-from sepp.mining.run import mine_pairs
+from sepp.mining.run import MineSettings, mine_pairs
 
 
 def mine(checkpoint, root_override: str, out) -> dict:
@@ -27,9 +27,9 @@ def mine(checkpoint, root_override: str, out) -> dict:
     shared memmap), without the figures."""
     method, cfg, _ = load_trained(checkpoint, ["device=cpu", root_override])
     data = build_dataset(cfg.data, split=cfg.data.split, transform=eval_transform(32, "cifar10"))
-    return mine_pairs(method.backbone, data, k=3, threshold=0.0, mutual=False, backend="exact", chunk_size=16,
-                      precision="fp32", batch_size=24, device=torch.device("cpu"), out_dir=out, meta={},
-                      save_embeddings=True, plots=False)
+    settings = MineSettings(k=3, threshold=0.0, mutual=False, backend="exact", chunk_size=16, precision="fp32",
+                            batch_size=24, save_embeddings=True, plots=False)
+    return mine_pairs(method.backbone, data, settings, device=torch.device("cpu"), out_dir=out, meta={})[1]
 
 
 def main(tmp: str, kind: str, overrides: list[str]) -> None:

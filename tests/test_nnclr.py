@@ -151,7 +151,7 @@ def test_trains_with_semantic_pairs(cifar_root, tmp_path_factory, tmp_path):
 
     run = pretrained_nnclr(cifar_root, tmp_path_factory)
     cfg = encoder_config(run["checkpoint"], None, ["mine.k=1", "device=cpu", f"data.root={cifar_root}"])
-    stats = mine_with_encoder(run["checkpoint"], cfg, tmp_path / "mining")
+    _, stats = mine_with_encoder(run["checkpoint"], cfg, tmp_path / "mining")
     pairs = load_pairs(tmp_path / "mining" / "pairs.npz")
     assert stats["num_pairs"] == len(pairs.i) == SUBSET  # k = 1: one partner per image
     cfg = load_config("cifar10_nnclr", nnclr_overrides(cifar_root, tmp_path / "sepp", **{

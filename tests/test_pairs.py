@@ -15,7 +15,7 @@ from torch import nn
 from sepp.errors import SeppError
 from sepp.data.pairs import Pairs, check_pairs_match, load_pairs, save_pairs
 from sepp.mining.pairs import select_pairs
-from sepp.mining.run import mine_pairs
+from sepp.mining.run import MineSettings, mine_pairs
 from sepp.mining.stats import mining_stats
 from sepp.mining.plots import pairs_gallery, similarity_hist
 
@@ -200,11 +200,13 @@ class ColourDataset(torch.utils.data.Dataset):
 def test_mine_pairs_end_to_end(tmp_path):
     ds = ColourDataset()
     encoder = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # mean colour: clusters by class
-    stats = mine_pairs(encoder, ds, k=5, threshold=0.5, mutual=False, backend="exact", chunk_size=16,
-                       precision="auto", batch_size=7, device="cpu", out_dir=tmp_path,
-                       meta={"encoder": "ckpt-hash", "features": "backbone"}, save_embeddings=True)
+    settings = MineSettings(k=5, threshold=0.5, mutual=False, backend="exact", chunk_size=16, precision="auto",
+                            batch_size=7, save_embeddings=True)
+    returned, stats = mine_pairs(encoder, ds, settings, device="cpu", out_dir=tmp_path, meta={"encoder": "ckpt-hash"})
     assert stats["precision"] == 1.0 and stats["num_pairs"] == 60 * 5 and stats["coverage"] == 1.0
     p = load_pairs(tmp_path / "pairs.npz")
+    assert returned.digest() == p.digest()  # what mining returns is what it wrote
+    assert p.meta["features"] == "backbone" and p.meta["rank_from"] == 1
     check_pairs_match(p, name="toy", split="train", num_images=60, fingerprint="toyfp")
     assert p.meta["encoder"] == "ckpt-hash" and p.meta["k"] == 5 and p.meta["threshold"] == 0.5
     assert p.meta["mutual"] is False and p.meta["precision"] == "fp32"
@@ -219,13 +221,13 @@ def test_mine_pairs_end_to_end(tmp_path):
 
 def test_mine_pairs_never_reads_labels(tmp_path):
     ds = ColourDataset()
-    ref = mine_pairs(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), ds, k=3, threshold=0.0,
-                     mutual=True, backend="faiss", chunk_size=8, precision="fp32", batch_size=16,
-                     device="cpu", out_dir=tmp_path / "a", meta={}, plots=False)
+    settings = MineSettings(k=3, threshold=0.0, mutual=True, backend="faiss", chunk_size=8, precision="fp32",
+                            batch_size=16, plots=False)
+    _, ref = mine_pairs(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), ds, settings, device="cpu",
+                        out_dir=tmp_path / "a", meta={})
     ds.labels = np.random.default_rng(1).permutation(ds.labels)  # scrambled labels: same pairs
-    mine_pairs(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), ds, k=3, threshold=0.0, mutual=True,
-               backend="faiss", chunk_size=8, precision="fp32", batch_size=16, device="cpu",
-               out_dir=tmp_path / "b", meta={}, plots=False)
+    mine_pairs(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), ds, settings, device="cpu",
+               out_dir=tmp_path / "b", meta={})
     a, b = load_pairs(tmp_path / "a" / "pairs.npz"), load_pairs(tmp_path / "b" / "pairs.npz")
     assert ref["num_pairs"] == len(a) > 0
     np.testing.assert_array_equal(a.i, b.i)

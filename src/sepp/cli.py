@@ -94,7 +94,7 @@ def _mine_encoder(args):
 
     cfg = resolve(encoder_config(args.encoder, args.config, args.overrides))
     out = Path(cfg.mine.out) if cfg.mine.out else Path(args.encoder).parent / "mining"
-    return mine_with_encoder(args.encoder, cfg, out, arch=args.arch, cifar_stem=args.cifar_stem), out
+    return mine_with_encoder(args.encoder, cfg, out, arch=args.arch, cifar_stem=args.cifar_stem)[1], out
 
 
 def _mine(args):
@@ -113,7 +113,7 @@ def _mine(args):
 
     cfg = resolve(config_from_checkpoint(load_checkpoint(args.checkpoint), args.overrides))
     out = Path(cfg.mine.out) if cfg.mine.out else Path(args.checkpoint).parent / "mining"
-    stats = mine_checkpoint(args.checkpoint, cfg, out)
+    _, stats = mine_checkpoint(args.checkpoint, cfg, out)
     prec = stats.get("precision")
     print(f"pairs={stats['num_pairs']} coverage={stats['coverage']:.3f}"
           + (f" precision={prec:.3f}" if prec is not None else "") + f"  ({out / 'pairs.npz'})")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import SeppError
@@ -214,6 +214,9 @@ class RunConfig:
     # when the SePP arm forwards more views per step (sepp.mode=multi), also train the compute-matched
     # control: the baseline with as many views of the image itself
     control: bool = True
+    # auto: a finished phase whose fingerprint (settings it read, hashes of its inputs) matches is reused, one
+    # that differs runs again with its old outputs moved to out/stale/; never: every phase runs again
+    reuse: str = "auto"
 
 
 @dataclass
@@ -263,6 +266,9 @@ class Config:
     sepp: SeppConfig = field(default_factory=SeppConfig)
     run: RunConfig = field(default_factory=RunConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    # the key=value overrides given on the command line (set by load_config): a record, not a setting, except
+    # that re-mining (sepp.remine_every) lets a mine.* key given here win over the replaced pair file's value
+    command_line: list[str] = field(default_factory=list)
 
 
 # Values this schema owns. Values that name an entry of a registry (method, dataset, backbone, pair mode,
@@ -278,6 +284,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "train.views": (2, 3),
     "run.init": ("scratch", "baseline"),
     "run.budget": ("steps", "epochs"),
+    "run.reuse": ("auto", "never"),
 }
 POSITIVE = ("train.epochs", "train.batch_size", "eval.knn_k", "eval.batch_size", "mine.k", "mine.chunk_size",
             "mine.rank_from", "mine.oracle_candidates",
@@ -368,7 +375,9 @@ def build_config(*sources: Any) -> DictConfig:
 
 
 def load_config(path: Optional[str], overrides: list[str] = ()) -> DictConfig:
-    return build_config(path, parse_overrides(list(overrides)))
+    cfg = build_config(path, parse_overrides(list(overrides)))
+    cfg.command_line = [str(o) for o in overrides]
+    return cfg
 
 
 def validate(cfg: DictConfig) -> None:
@@ -383,9 +392,6 @@ def validate(cfg: DictConfig) -> None:
         raise SeppError(f"sepp.p must be in [0, 1] (got {cfg.sepp.p})")
     if not -1.0 <= cfg.mine.threshold <= 1.0:
         raise SeppError(f"mine.threshold is a cosine similarity and must be in [-1, 1] (got {cfg.mine.threshold})")
-    bad = [e for e in cfg.run.evals if e not in RUN_EVALS]
-    if bad:
-        raise SeppError(f"run.evals has {bad[0]!r}; choose from: {', '.join(RUN_EVALS)}")
     if not 0.0 <= cfg.mine.oracle_precision <= 1.0:
         raise SeppError(f"mine.oracle_precision must be in [0, 1] (got {cfg.mine.oracle_precision})")
     if cfg.mine.rank_from > cfg.mine.k:
@@ -395,14 +401,16 @@ def validate(cfg: DictConfig) -> None:
 
 def check_choices(cfg: DictConfig, choices: dict[str, Any]) -> None:
     """Raise one line for the first ``key`` whose value is not among ``choices[key]`` (any container of
-    allowed values: a tuple, or a registry's dict); ``null`` is left alone (a default filled in later)."""
+    allowed values: a tuple, or a registry's dict); ``null`` is left alone (a default filled in later); a list
+    value is checked item by item."""
     for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)
-        if value is not None and value not in allowed:
-            raise SeppError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, allowed))}")
+        for item in (value if isinstance(value, (list, ListConfig)) else [value]):
+            if item is not None and item not in allowed:
+                what = f"{key} has {item!r}" if item is not value else f"{key}={value!r} is not valid"
+                raise SeppError(f"{what}; choose one of: {', '.join(map(str, allowed))}")
 
 
-RUN_EVALS = ("knn", "linear", "finetune", "transfer", "embed_plot")  # what `sepp run` can evaluate
 DEFAULT_SIZES = {"cifar10": 32, "cifar100": 32, "stl10": 96}
 
 

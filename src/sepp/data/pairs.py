@@ -9,6 +9,7 @@ stores them in its checkpoints as tensors (:meth:`Pairs.to_state` / :meth:`Pairs
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zipfile
@@ -47,6 +48,15 @@ class Pairs:
         """Tensors and plain values only (what a ``weights_only`` checkpoint may hold)."""
         return {"i": torch.as_tensor(self.i), "j": torch.as_tensor(self.j), "sim": torch.as_tensor(self.sim),
                 "meta": json.dumps(dict(self.meta), sort_keys=True, default=_json_scalar)}
+
+    def digest(self, length: int = 16) -> str:
+        """SHA-256 of the pairs and their meta (not of the file, whose zip headers carry a time): equal for
+        equal pairs wherever and whenever they were written."""
+        h = hashlib.sha256()
+        for a in (self.i, self.j, self.sim):
+            h.update(np.ascontiguousarray(a).tobytes())
+        h.update(json.dumps(dict(self.meta), sort_keys=True, default=_json_scalar).encode())
+        return h.hexdigest()[:length]
 
     @classmethod
     def from_state(cls, state: dict) -> "Pairs":

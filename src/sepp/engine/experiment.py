@@ -1,7 +1,9 @@
 """`sepp run`: the whole SePP experiment in one resumable command.
 
-Phases, each in its own sub-directory of ``out`` and skipped when its ``done.json`` exists (an interrupted
-phase resumes from its ``last.pt``):
+Phases, each in its own sub-directory of ``out``, keyed by a fingerprint of the settings and inputs that
+determine it (:mod:`sepp.engine.phases`): a finished phase with the same fingerprint is reused, an interrupted
+one resumes from its ``last.pt``, one whose settings or inputs changed runs again (its old outputs moved to
+``out/stale/``), and so does everything downstream of it:
 
 1. ``pretrain/`` — the baseline SSL pretraining that mines the pairs (or ``run.baseline_checkpoint``);
 2. ``mining/``   — semantic positive pairs over the whole training set from that encoder;
@@ -10,8 +12,10 @@ phase resumes from its ``last.pt``):
 4. ``baseline/`` — the comparison baseline trained for the same budget as phase 3: the same number of
    optimizer steps (``run.budget=steps``, default: an enlarged epoch has more steps) or epochs; phase 1 is
    reused when it already matches;
-5. ``eval``      — ``run.evals`` of every model (kNN, linear probe, fine-tuning, transfer; ``embed.png``), then
-   ``results.json``, ``report.md`` and pictures.
+5. ``eval``      — ``run.evals`` of every model (kNN, linear probe, fine-tuning, transfer; ``embed.png``), cached
+   in each arm's ``eval.json`` under the checkpoint's hash and the evaluation settings; then ``results.json``,
+   ``report.md`` and pictures, whose descriptions come from the artifacts used (the checkpoints' configs, the
+   pair file's meta), never from the current config.
 """
 from __future__ import annotations
 
@@ -19,39 +23,36 @@ import json
 import math
 import shutil
 import time
+from functools import lru_cache
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from sepp import distributed as dist_utils
+from sepp.data.pairs import Pairs, load_pairs
 from sepp.data.sampling import steps_per_epoch
 from sepp.errors import SeppError
 from sepp.eval.embed_plot import embed_plot_checkpoints
 from sepp.eval.finetune import finetune_checkpoint
 from sepp.eval.pairs import pair_cosine
 from sepp.eval.run import knn_from_method, linear_from_method
-from sepp.eval.stats import SCORES, format_difference, format_mean_std, paired_difference, summarize
+from sepp.eval.stats import SCORES, paired_difference
 from sepp.eval.transfer import transfer_checkpoint
-from sepp.methods.checkpoint import load_checkpoint, load_trained
+from sepp.methods import METHODS
+from sepp.methods.checkpoint import file_hash, load_checkpoint, load_trained
 from sepp.mining.from_model import mine_checkpoint
+from sepp.mining.oracle import diagnostic_line
 from sepp.report.curves import plot_curves
 from sepp.report.markdown import write_report
+from sepp.report.results import ARM, ArmResult, ExperimentResults, comparison_table  # noqa: F401 (cli's import)
 
+from .phases import PHASE_FORMAT, Phase, differences, enter, mark_done, read_json, settings_of, write_json
+from .phases import log as _log
 from .setup import resolve
 from .trainer import pretrain
 
-
-def _done(path: Path):
-    f = path / "done.json"
-    return json.loads(f.read_text()) if f.exists() else None
-
-
-def _mark(path: Path, info: dict) -> dict:
-    if dist_utils.is_main():
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "done.json").write_text(json.dumps(info, indent=2))
-    dist_utils.barrier()
-    return info
+# what only the evaluation reads (a training phase's kNN monitor uses it too, but is not redone for it)
+EVAL_KEYS = ("eval", "transfer", "data.eval_split", "data.eval_subset", "data.eval_train_split")
 
 
 def _phase_cfg(cfg: DictConfig, out: Path, epochs: int, **extra) -> DictConfig:
@@ -74,14 +75,44 @@ def _phase_cfg(cfg: DictConfig, out: Path, epochs: int, **extra) -> DictConfig:
     return c
 
 
-def _train(cfg: DictConfig, out: Path, progress: bool, init_state=None) -> dict:
-    done = _done(out)
+@lru_cache(maxsize=32)
+def _hash(path: str, mtime_ns: int) -> str:
+    return file_hash(path)
+
+
+def _file_hash(path) -> str:
+    """SHA-256 (16 hex digits) of a file, computed once per version of it."""
+    return _hash(str(path), Path(path).stat().st_mtime_ns)
+
+
+def _train_fingerprint(c: DictConfig, init: str | None, pairs: Pairs | None) -> dict:
+    """What a training phase reads: its config without the evaluation, mining (unless it re-mines), run and
+    other methods' keys, the pair file's digest instead of its path, and the initial weights' hash."""
+    drop = ["run", "sepp.pairs", *EVAL_KEYS, *(m for m in METHODS if m != c.method)]
+    if not c.sepp.remine_every:
+        drop.append("mine")
+    if pairs is None:
+        drop += ["sepp.mode", "sepp.p"]  # read only with pairs
+    fp = settings_of(c, drop=tuple(drop))
+    if c.sepp.remine_every:  # a mine.* key on the command line wins over the pair file's when re-mining
+        fp["mine keys on the command line"] = sorted(o.split("=", 1)[0] for o in c.command_line
+                                                      if o.startswith("mine."))
+    return {**fp, "pair file": pairs.digest() if pairs is not None else None,
+            "initial weights": _file_hash(init) if init else "scratch", "format": PHASE_FORMAT}
+
+
+def _train(c: DictConfig, title: str, progress: bool, out: Path, init: str | None = None,
+           pairs: Pairs | None = None) -> dict:
+    """Train one phase (``c.out``) unless its fingerprint says it is done; ``init``: the checkpoint whose
+    weights it starts from."""
+    path = Path(c.out)
+    done = enter(Phase(path, title, _train_fingerprint(c, init, pairs)), out, c.run.reuse)
     if done is not None:
         return done
     t0 = time.time()
-    summary = pretrain(cfg, progress=progress, init_state=init_state)
+    summary = pretrain(c, progress=progress, init_state=_init_state(init) if init else None)
     summary["seconds"] = time.time() - t0  # of this invocation: a resumed phase counts what it ran now
-    return _mark(out, summary)
+    return mark_done(path, summary)
 
 
 def _init_state(path: str):
@@ -98,133 +129,68 @@ def run_experiment(cfg: DictConfig, progress: bool = True) -> dict:
     seeds = [int(x) for x in cfg.run.seeds] or [int(cfg.seed)]
     seconds: dict = {}
     phase1, phase1_ckpt = _baseline_phase(cfg, out, progress, seconds)
-    stats = _mining_phase(cfg, out, phase1_ckpt, seconds)
+    pairs, stats = _mining_phase(cfg, out, phase1_ckpt, seconds)
 
     # 3.-5. per seed: SePP, the step-matched baseline, the compute-matched control; evaluation
-    arms: dict[str, list[dict]] = {}
+    runs: dict[str, list[dict]] = {}
     for seed in seeds:
         where = out if len(seeds) == 1 else out / f"seed_{seed}"
-        for name, entry in _seed_arms(cfg, seed, where, out, phase1, phase1_ckpt, stats, progress).items():
-            arms.setdefault(name, []).append(entry)
+        for name, entry in _seed_arms(cfg, seed, where, out, phase1, phase1_ckpt, pairs, progress).items():
+            runs.setdefault(name, []).append(entry)
             seconds[name] = seconds.get(name, 0.0) + entry.pop("train_seconds")
-    seconds["eval"] = sum(e["eval_seconds"] for runs in arms.values() for e in runs)
-    results = _results(cfg, out, seeds, arms, stats, phase1_ckpt, seconds)
+    seconds["eval"] = sum(e["eval_seconds"] for entries in runs.values() for e in entries)
+    results = _results(cfg, out, seeds, runs, pairs, stats, seconds)
     if dist_utils.is_main():
-        _write_outputs(cfg, out, results, arms, stats)
+        _write_outputs(cfg, out, results, runs, stats)
     dist_utils.barrier()
-    return results
+    return results.to_dict()
 
 
 def _baseline_phase(cfg: DictConfig, out: Path, progress: bool, seconds: dict) -> tuple:
     """1. baseline pretraining (mines the pairs), with cfg.seed; ``(summary or None, its checkpoint)``."""
     if cfg.run.baseline_checkpoint:
         return None, str(cfg.run.baseline_checkpoint)
-    _log("phase 1/5: baseline pretraining")
-    phase1 = _train(_phase_cfg(cfg, out / "pretrain", cfg.run.baseline_epochs or cfg.train.epochs),
-                    out / "pretrain", progress)
+    c = _phase_cfg(cfg, out / "pretrain", cfg.run.baseline_epochs or cfg.train.epochs)
+    phase1 = _train(c, "phase 1/5 (baseline pretraining)", progress, out)
     seconds["pretrain"] = phase1["seconds"]
     return phase1, str(out / "pretrain" / "last.pt")
 
 
-def _mining_phase(cfg: DictConfig, out: Path, phase1_ckpt: str, seconds: dict) -> dict:
-    """2. mining (once; every seed trains with the same pairs); returns the mining statistics."""
-    _log("phase 2/5: mining semantic positive pairs" + (f" (DIAGNOSTIC: mine.oracle={cfg.mine.oracle})"
-                                                        if cfg.mine.oracle != "none" else ""))
-    mining = _done(out / "mining")
-    if mining is None:
+def _mining_phase(cfg: DictConfig, out: Path, encoder: str, seconds: dict) -> tuple[Pairs, dict]:
+    """2. mining (once; every seed trains with the same pairs); returns the pairs and their statistics."""
+    path = out / "mining"
+    title = "phase 2/5 (mining)" + (f", DIAGNOSTIC: mine.oracle={cfg.mine.oracle}" if cfg.mine.oracle != "none"
+                                    else "")
+    fp = {**settings_of(cfg, keep=("mine", "data", "seed", "device"), drop=EVAL_KEYS),
+          "encoder": _file_hash(encoder), "format": PHASE_FORMAT}
+    done = enter(Phase(path, title, fp), out, cfg.run.reuse)
+    if done is None:
         t0 = time.time()
-        stats = mine_checkpoint(phase1_ckpt, cfg, out / "mining")
-        mining = _mark(out / "mining", {"stats": stats, "seconds": time.time() - t0})
-    seconds["mining"] = mining["seconds"]
-    return mining["stats"]
+        pairs, stats = mine_checkpoint(encoder, cfg, path)
+        done = mark_done(path, {"stats": stats, "seconds": time.time() - t0})
+    else:
+        pairs = load_pairs(path / "pairs.npz")
+    seconds["mining"] = done["seconds"]
+    return pairs, done["stats"]
 
 
-def _results(cfg: DictConfig, out: Path, seeds: list, arms: dict, stats: dict, phase1_ckpt: str,
-             seconds: dict) -> dict:
-    """``results.json``: every arm over its seeds, the mining summary and the paired SePP differences."""
-    results = {
-        **({"diagnostic": stats["diagnostic"]} if stats.get("diagnostic") else {}),
-        "dataset": cfg.data.name, "method": cfg.method, "backbone": cfg.model.backbone,
-        "num_images": arms["sepp"][0]["num_images"], "device": cfg.device,
-        "world_size": dist_utils.get_world_size(), "seeds": seeds, "out": str(out),
-        **{name: _aggregate(runs) for name, runs in arms.items()},
-        "mining": {**{k: stats.get(k) for k in ("num_pairs", "coverage", "precision", "num_images")},
-                   "k": cfg.mine.k, "threshold": cfg.mine.threshold, "mutual": cfg.mine.mutual,
-                   "rank_from": cfg.mine.rank_from, "features": cfg.mine.features, "oracle": cfg.mine.oracle,
-                   "oracle_precision": cfg.mine.oracle_precision if cfg.mine.oracle == "random" else None,
-                   "encoder": phase1_ckpt, "pair_sim": stats.get("sim")},
-        "budget": cfg.run.budget,
-        "seconds": seconds,
-    }
-    results["sepp"].update(mode=cfg.sepp.mode, init=cfg.run.init, mask_negatives=bool(cfg.sepp.mask_negatives),
-                           batch_positives=bool(cfg.sepp.batch_positives))
-    scored = [m for m in SCORES if m in cfg.run.evals]
-    results["evals"] = list(cfg.run.evals)
-    results["difference"] = {f"sepp-{other}": {m: paired_difference(results["sepp"][m]["values"],
-                                                                      results[other][m]["values"])
-                                                 for m in scored}
-                             for other in ("baseline", "control") if other in results}
-    return results
-
-
-def _write_outputs(cfg: DictConfig, out: Path, results: dict, arms: dict, stats: dict) -> None:
-    """results.json, the mining pictures, curves.png, embed.png and report.md (main process)."""
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    for name in ("pairs_gallery.png", "similarity_hist.png"):
-        if (out / "mining" / name).exists():
-            shutil.copyfile(out / "mining" / name, out / name)
-    labels = {"sepp": "SePP", "baseline": "baseline", "control": "control (extra views)"}
-    plot_curves({labels[n]: [Path(e["dir"]) / "metrics.csv" for e in runs] for n, runs in arms.items()},
-                out / "curves.png")
-    results["embed_plot"] = _embed_pictures(cfg, arms, out)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    write_report(out, results, stats, cfg)
-
-
-def _seed_arms(cfg, seed: int, where: Path, out: Path, phase1, phase1_ckpt: str, stats: dict,
+def _seed_arms(cfg, seed: int, where: Path, out: Path, phase1, phase1_ckpt: str, pairs: Pairs,
                progress: bool) -> dict:
     """Train and evaluate the compared arms of one seed: ``sepp``, ``baseline`` (same budget) and, when the
     SePP arm forwards more views per step, ``control`` (the baseline with as many views of the image)."""
-    init = _init_state(phase1_ckpt) if cfg.run.init == "baseline" else None
-    sepp_epochs = cfg.run.sepp_epochs or cfg.train.epochs
-    _log(f"phase 3/5 (seed {seed}): SePP training with {stats['num_pairs']} pairs ({cfg.sepp.mode})")
-    sepp_cfg = _phase_cfg(cfg, where / "sepp", sepp_epochs, seed=seed, **{
+    init = phase1_ckpt if cfg.run.init == "baseline" else None
+    sepp_cfg = _phase_cfg(cfg, where / "sepp", cfg.run.sepp_epochs or cfg.train.epochs, seed=seed, **{
         "sepp.pairs": str(out / "mining" / "pairs.npz"), "sepp.remine_every": cfg.sepp.remine_every})
-    sepp_run = _train(sepp_cfg, where / "sepp", progress, init)
-    trained = {"sepp": (sepp_run, where / "sepp")}
-
-    if cfg.run.budget == "steps":
-        world = dist_utils.get_world_size()
-        per_epoch = steps_per_epoch(sepp_run["num_images"], world, cfg.train.batch_size // world)
-        b_epochs, b_steps = math.ceil(sepp_run["steps"] / per_epoch), sepp_run["steps"]
-    else:
-        b_epochs, b_steps = sepp_epochs, 0
-    views = int(cfg.train.views)
-    reuse = (phase1 is not None and cfg.run.init == "scratch" and seed == cfg.seed and views == 2
-             and phase1["epochs"] == b_epochs and (b_steps == 0 or phase1["steps"] == b_steps))
-    if reuse:
-        _log("phase 4/5: the phase-1 baseline already has the SePP model's budget; reusing it")
-        trained["baseline"] = ({**phase1, "seconds": 0.0}, out / "pretrain")
-    else:
-        _log(f"phase 4/5 (seed {seed}): baseline for the same budget ({b_epochs} epochs, {b_steps or 'all'} steps)")
-        arm = _phase_cfg(cfg, where / "baseline", b_epochs, seed=seed, **{"train.max_steps": b_steps})
-        trained["baseline"] = (_train(arm, where / "baseline", progress, init), where / "baseline")
-    if b_steps and trained["baseline"][0]["steps"] != b_steps:
-        raise SeppError(f"the baseline in {trained['baseline'][1]} has {trained['baseline'][0]['steps']} steps but "
-                        f"the SePP arm {b_steps}; remove that directory so it is trained for the same budget")
-    if cfg.run.control and sepp_run.get("views", 2) > views:
-        _log(f"phase 4/5 (seed {seed}): control with {sepp_run['views']} views of the image itself "
-             "(the SePP arm's compute per step)")
-        arm = _phase_cfg(cfg, where / "control", b_epochs, seed=seed,
-                         **{"train.max_steps": b_steps, "train.views": sepp_run["views"]})
-        trained["control"] = (_train(arm, where / "control", progress, init), where / "control")
-
+    sepp_run = _train(sepp_cfg, f"phase 3/5 (seed {seed}): SePP training with {len(pairs)} pairs ({cfg.sepp.mode})",
+                      progress, out, init, pairs)
+    trained = {"sepp": (sepp_run, where / "sepp"), **_matched_arms(cfg, seed, where, out, phase1, sepp_run, init,
+                                                                   progress)}
     _log(f"phase 5/5 (seed {seed}): evaluation ({', '.join(cfg.run.evals)})")
     arms = {}
     for name, (summary, d) in trained.items():
-        ev = _evaluate(d / "last.pt", cfg, out / "mining" / "pairs.npz")
-        arms[name] = {**{key: ev.get(key) for key, _ in SCORES.values()}, "pair_cosine": ev.get("pair_cosine"),
-                      "epochs": summary["epochs"], "steps": summary["steps"],
+        ev = _evaluate(d / "last.pt", cfg, pairs, out / "mining" / "pairs.npz", f"{d.relative_to(out)}")
+        arms[name] = {**{key: ev.get(key) for key, _ in SCORES.values()}, "pair_cosine": ev["pair_cosine"],
+                      "model": ev["model"], "epochs": summary["epochs"], "steps": summary["steps"],
                       "num_pairs": summary.get("num_pairs", 0), "num_images": summary["num_images"],
                       "views": summary.get("views", 2), "images_forwarded": summary.get("images_forwarded"),
                       "dir": str(d), "seed": seed, "train_seconds": summary["seconds"],
@@ -232,91 +198,165 @@ def _seed_arms(cfg, seed: int, where: Path, out: Path, phase1, phase1_ckpt: str,
     return arms
 
 
-def _aggregate(runs: list[dict]) -> dict:
-    """One arm over its seeds: ``knn_top1``/``linear_top1`` are the means (what the table prints), ``knn`` and
-    ``linear`` their statistics, ``runs`` each seed's entry."""
-    stats = {name: summarize([r[key] for r in runs]) for name, (key, _) in SCORES.items()}
-    first = runs[0]
-    return {**{key: stats[name]["mean"] for name, (key, _) in SCORES.items()}, **stats,
-            "epochs": first["epochs"], "steps": first["steps"], "num_pairs": first["num_pairs"],
-            "views": first["views"], "images_forwarded": first["images_forwarded"],
-            "dir": first["dir"],
-            "pair_cosine": summarize([(r.get("pair_cosine") or {}).get("pairs") for r in runs])["mean"],
-            "random_pair_cosine": summarize([(r.get("pair_cosine") or {}).get("random") for r in runs])["mean"],
-            "runs": [{k: r.get(k) for k in ("seed", *(key for key, _ in SCORES.values()), "pair_cosine", "dir")}
-                     for r in runs]}
+def _matched_arms(cfg, seed: int, where: Path, out: Path, phase1, sepp_run: dict, init, progress: bool) -> dict:
+    """4. the baseline for the SePP arm's budget (phase 1 when it already has it) and the control."""
+    if cfg.run.budget == "steps":
+        world = dist_utils.get_world_size()
+        per_epoch = steps_per_epoch(sepp_run["num_images"], world, cfg.train.batch_size // world)
+        b_epochs, b_steps = math.ceil(sepp_run["steps"] / per_epoch), sepp_run["steps"]
+    else:
+        b_epochs, b_steps = cfg.run.sepp_epochs or cfg.train.epochs, 0
+    views = int(cfg.train.views)
+    if (phase1 is not None and cfg.run.init == "scratch" and seed == cfg.seed and views == 2
+            and phase1["epochs"] == b_epochs and (b_steps == 0 or phase1["steps"] == b_steps)):
+        _log("phase 4/5: the phase-1 baseline already has the SePP model's budget; reusing it")
+        trained = {"baseline": ({**phase1, "seconds": 0.0}, out / "pretrain")}
+    else:
+        c = _phase_cfg(cfg, where / "baseline", b_epochs, seed=seed, **{"train.max_steps": b_steps})
+        title = f"phase 4/5 (seed {seed}): baseline for the same budget ({b_epochs} epochs, {b_steps or 'all'} steps)"
+        trained = {"baseline": (_train(c, title, progress, out, init), where / "baseline")}
+    if b_steps and trained["baseline"][0]["steps"] != b_steps:
+        raise SeppError(f"the baseline in {trained['baseline'][1]} has {trained['baseline'][0]['steps']} steps but "
+                        f"the SePP arm {b_steps}; remove that directory so it is trained for the same budget")
+    if cfg.run.control and sepp_run.get("views", 2) > views:
+        c = _phase_cfg(cfg, where / "control", b_epochs, seed=seed,
+                       **{"train.max_steps": b_steps, "train.views": sepp_run["views"]})
+        title = (f"phase 4/5 (seed {seed}): control with {sepp_run['views']} views of the image itself "
+                 "(the SePP arm's compute per step)")
+        trained["control"] = (_train(c, title, progress, out, init), where / "control")
+    return trained
 
 
-def _evaluate(ckpt: Path, cfg: DictConfig, pairs_path: Path | None = None) -> dict:
-    """The run's evaluations (``run.evals`` but embed_plot) of one trained arm, cached in ``eval.json``."""
+def _eval_settings(cfg: DictConfig) -> dict:
+    """The settings the evaluation reads: they override the checkpoint's own (which are those it was trained
+    with), so changing them re-evaluates without retraining."""
+    keep = EVAL_KEYS if "transfer" in cfg.run.evals else tuple(k for k in EVAL_KEYS if k != "transfer")
+    return {"device": cfg.device, **settings_of(cfg, keep=keep)}
+
+
+def _evaluate(ckpt: Path, cfg: DictConfig, pairs: Pairs, pairs_path: Path, title: str) -> dict:
+    """The run's evaluations (``run.evals`` but embed_plot) of one trained arm, cached in ``eval.json`` under
+    the checkpoint's hash and the evaluation settings (the pair cosine per pair file); returns the scores,
+    the pair cosine of ``pairs``, the checkpoint's description and the seconds spent now."""
     path = ckpt.parent / "eval.json"
-    wanted = [e for e in cfg.run.evals if e in SCORES]
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if all(cached.get(SCORES[e][0]) is not None for e in wanted):  # a later run may want more evals
-            return cached
-    result = {SCORES[e][0]: None for e in SCORES}
-    result.update(pair_cosine=None, seconds=0.0)
-    if dist_utils.is_main():
-        t0 = time.time()
-        overrides = [f"device={cfg.device}", f"data.root={cfg.data.root}", f"data.workers={cfg.data.workers}"]
-        method, ecfg, _ = load_trained(ckpt, overrides)
-        memo: dict = {}  # this arm's features, extracted once for kNN, the linear probe and the pair cosine
-        if "knn" in wanted:
-            result["knn_top1"] = knn_from_method(method, ecfg, memo)
-        if "linear" in wanted:
-            result["linear_top1"] = linear_from_method(method, ecfg, memo)["top1"]
-        if "finetune" in wanted:
-            result["finetune_top1"] = finetune_checkpoint(str(ckpt), overrides,
-                                                          out=str(ckpt.parent / "finetune.json"))["finetune_top1"]
-        if "transfer" in wanted:
-            result["transfer_score"] = transfer_checkpoint(str(ckpt), overrides,
-                                                           out=str(ckpt.parent / "transfer.json"))["transfer_score"]
-        if pairs_path is not None and pairs_path.exists():
-            result["pair_cosine"] = pair_cosine(method.backbone, ecfg, pairs_path, memo=memo)
-        result["seconds"] = time.time() - t0
-        path.write_text(json.dumps(result, indent=2))
-    return dist_utils.broadcast_object(result)
+    fp = {**_eval_settings(cfg), "checkpoint": _file_hash(ckpt), "format": PHASE_FORMAT}
+    cached = read_json(path) or {}
+    if cached.get("fingerprint") != fp:
+        if cached:
+            why = differences(cached["fingerprint"], fp) if cached.get("fingerprint") else "no fingerprint"
+            _log(f"evaluation of {title}: {why}: evaluating again")
+        cached = {"fingerprint": fp, "pair_cosine": {}}
+    todo = [e for e in cfg.run.evals if e in SCORES and cached.get(SCORES[e][0]) is None]
+    digest = pairs.digest()
+    t0 = time.time()
+    if dist_utils.is_main() and (todo or digest not in cached["pair_cosine"] or "model" not in cached):
+        cached.update(_compute(ckpt, cfg, todo, pairs_path if digest not in cached["pair_cosine"] else None))
+        if "new_pair_cosine" in cached:
+            cached["pair_cosine"][digest] = {**cached.pop("new_pair_cosine"), **_diagnostic(pairs.meta)}
+        write_json(path, cached)
+    cached = dist_utils.broadcast_object(cached)
+    return {**cached, "pair_cosine": cached["pair_cosine"].get(digest), "seconds": time.time() - t0}
 
 
-def _embed_pictures(cfg: DictConfig, arms: dict, out: Path) -> str | None:
+def _compute(ckpt: Path, cfg: DictConfig, todo: list[str], pairs_path: Path | None) -> dict:
+    """The evaluations ``todo`` of a checkpoint, the pair cosine over ``pairs_path`` (when given) and the
+    checkpoint's description (main process)."""
+    settings = _eval_settings(cfg)
+    overrides = [f"data.root={cfg.data.root}", f"data.workers={cfg.data.workers}",
+                 *(f"{key}={json.dumps(value)}" for key, value in settings.items())]
+    method, ecfg, raw = load_trained(ckpt, overrides)
+    memo: dict = {}  # this arm's features, extracted once for kNN, the linear probe and the pair cosine
+    trained_with = raw.get("pairs")
+    result = {"model": describe_checkpoint(raw), **_diagnostic(trained_with.meta if trained_with is not None else {})}
+    if "knn" in todo:
+        result["knn_top1"] = knn_from_method(method, ecfg, memo)
+    if "linear" in todo:
+        result["linear_top1"] = linear_from_method(method, ecfg, memo)["top1"]
+    if "finetune" in todo:
+        result["finetune_top1"] = finetune_checkpoint(str(ckpt), overrides,
+                                                      out=str(ckpt.parent / "finetune.json"))["finetune_top1"]
+    if "transfer" in todo:
+        result["transfer_score"] = transfer_checkpoint(str(ckpt), overrides,
+                                                       out=str(ckpt.parent / "transfer.json"))["transfer_score"]
+    if pairs_path is not None:
+        result["new_pair_cosine"] = pair_cosine(method.backbone, ecfg, pairs_path, memo=memo)
+    return result
+
+
+def _diagnostic(meta: dict) -> dict:
+    """``{"diagnostic": line}`` when pairs with this meta came from the labels (``mine.oracle``), else ``{}``."""
+    oracle = meta.get("oracle", "none")
+    return {} if oracle == "none" else {"diagnostic": diagnostic_line(oracle, meta.get("oracle_precision"))}
+
+
+def describe_checkpoint(ckpt: dict) -> dict:
+    """What a trained arm is, read from its checkpoint: method, backbone, data, budget and, when it trained
+    with pairs, how they were used and made (the pairs' meta)."""
+    c, pairs = ckpt["config"], ckpt.get("pairs")
+    out = {"method": c["method"], "backbone": c["model"]["backbone"], "dataset": c["data"]["name"],
+           "device": c["device"], "seed": c["seed"], "lr": c["train"]["lr"], "views": c["train"]["views"],
+           "epoch": ckpt["epoch"], "step": ckpt["step"]}
+    if pairs is not None:
+        out.update(mode=c["sepp"]["mode"], mask_negatives=bool(c["sepp"]["mask_negatives"]),
+                   batch_positives=bool(c["sepp"]["batch_positives"]), num_pairs=len(pairs),
+                   pairs={k: pairs.meta.get(k) for k in ("k", "threshold", "mutual", "rank_from", "features",
+                                                         "oracle", "oracle_precision", "mined_at_epoch")})
+    return out
+
+
+def _results(cfg: DictConfig, out: Path, seeds: list, runs: dict, pairs: Pairs, stats: dict,
+             seconds: dict) -> ExperimentResults:
+    """``results.json``: every arm over its seeds, the mining summary and the paired SePP differences, each
+    described by the artifacts it came from."""
+    model = runs["sepp"][0]["model"]
+    fp = read_json(Path(runs["sepp"][0]["dir"]) / "fingerprint.json") or {}
+    setting = {"mode": model.get("mode"), "init": "scratch" if fp.get("initial weights") == "scratch" else "baseline",
+               "mask_negatives": model.get("mask_negatives"), "batch_positives": model.get("batch_positives")}
+    arms = {name: ArmResult.from_runs(entries, setting if name == "sepp" else None) for name, entries in runs.items()}
+    scored = [m for m in SCORES if m in cfg.run.evals]
+    difference = {f"sepp-{other}": {m: paired_difference(arms["sepp"].scores[m]["values"],
+                                                         arms[other].scores[m]["values"]) for m in scored}
+                  for other in ("baseline", "control") if other in arms}
+    return ExperimentResults(
+        dataset=model["dataset"], method=model["method"], backbone=model["backbone"],
+        num_images=runs["sepp"][0]["num_images"], device=model["device"], world_size=dist_utils.get_world_size(),
+        seeds=seeds, out=str(out), arms=arms, mining=_mining_summary(pairs, stats), budget=cfg.run.budget,
+        seconds=seconds, evals=list(cfg.run.evals), difference=difference,
+        diagnostic=_diagnostic(pairs.meta).get("diagnostic"))
+
+
+def _mining_summary(pairs: Pairs, stats: dict) -> dict:
+    """``results.json``'s ``mining``: the pair file's settings (its meta) and statistics (its mining.json)."""
+    m = pairs.meta
+    oracle = m.get("oracle", "none")
+    return {**{k: stats.get(k) for k in ("num_pairs", "coverage", "precision", "num_images")},
+            **{k: m.get(k) for k in ("k", "threshold", "mutual", "rank_from", "features")}, "oracle": oracle,
+            "oracle_precision": m.get("oracle_precision") if oracle == "random" else None,
+            "encoder": m.get("encoder_checkpoint"), "pair_sim": stats.get("sim")}
+
+
+def _write_outputs(cfg: DictConfig, out: Path, results: ExperimentResults, runs: dict, stats: dict) -> None:
+    """results.json, the mining pictures, curves.png, embed.png and report.md (main process); a picture of an
+    earlier run that this one does not make is removed."""
+    for name in ("pairs_gallery.png", "similarity_hist.png"):
+        if (out / "mining" / name).exists():
+            shutil.copyfile(out / "mining" / name, out / name)
+        else:
+            (out / name).unlink(missing_ok=True)
+    plot_curves({ARM[n].label: [Path(e["dir"]) / "metrics.csv" for e in entries] for n, entries in runs.items()},
+                out / "curves.png")
+    results.embed_plot = _embed_pictures(cfg, runs, out)
+    if results.embed_plot is None:
+        (out / "embed.png").unlink(missing_ok=True)
+    data = results.to_dict()
+    (out / "results.json").write_text(json.dumps(data, indent=2))
+    write_report(out, data, stats)
+
+
+def _embed_pictures(cfg: DictConfig, runs: dict, out: Path) -> str | None:
     """``embed.png``: 2-D embeddings of the evaluation split, the first seed's arms side by side."""
     if "embed_plot" not in cfg.run.evals or not dist_utils.is_main():
         return None
-    labels = {"baseline": "baseline", "control": "control", "sepp": "SePP"}
-    ckpts = {labels[n]: str(Path(runs[0]["dir"]) / "last.pt") for n, runs in arms.items()}
+    ckpts = {ARM[n].label: str(Path(entries[0]["dir"]) / "last.pt") for n, entries in runs.items()}
     embed_plot_checkpoints(ckpts, [f"device={cfg.device}", f"data.root={cfg.data.root}"], out=str(out / "embed.png"))
     return "embed.png"
-
-
-def comparison_table(results: dict) -> str:
-    """The terminal table of `sepp run`: each arm's kNN and linear top-1 (mean ± std over seeds), and the
-    SePP − other differences with their 95 % intervals."""
-    method = results["method"]
-    names = [("baseline", f"{method} baseline"), ("control", f"{method} control (same views as SePP)"),
-             ("sepp", f"{method} + SePP")]
-    scored = [m for m in SCORES if m in results.get("evals", ["knn", "linear"])]
-    rows = [("model", "epochs", "steps", "images fwd", *(SCORES[m][1] for m in scored))]
-    for name, label in names:
-        if name in results:
-            r = results[name]
-            rows.append((label, str(r["epochs"]), str(r["steps"]), str(r.get("images_forwarded", "—")),
-                         *(format_mean_std(r[m]) for m in scored)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    if results.get("diagnostic"):
-        lines.insert(0, results["diagnostic"])
-    for key, d in results.get("difference", {}).items():
-        n = next(iter(d.values()))["n"] if d else 0
-        lines.append(f"{key.replace('sepp-', 'SePP - ')}: " + ", ".join(
-            f"{SCORES[m][1].split(' ')[0]} {format_difference(v)}" for m, v in d.items()) + f" ({n} seed(s), paired)")
-    m = results["mining"]
-    prec = "n/a (no labels)" if m.get("precision") is None else f"{100 * m['precision']:.1f} %"
-    lines.append(f"pairs: {m['num_pairs']} (coverage {100 * m['coverage']:.1f} %, label precision {prec})")
-    return "\n".join(lines)
-
-
-def _log(msg: str) -> None:
-    if dist_utils.is_main():
-        print(f"== {msg}", flush=True)

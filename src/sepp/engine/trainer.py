@@ -172,11 +172,12 @@ def start(run: Run) -> None:
 
 
 def remine_if_due(run: Run, epoch: int) -> Optional[dict]:
-    """Every ``sepp.remine_every`` epochs: new pairs from the model being trained, and a new loader."""
+    """Every ``sepp.remine_every`` epochs: new pairs from the model being trained (with the selection settings
+    of the pairs they replace, :func:`sepp.mining.from_model.remine_settings`), and a new loader."""
     every = run.cfg.sepp.remine_every
     if not (every and epoch > 0 and epoch % every == 0 and run.mined_epoch != epoch):
         return None
-    run.pairs, stats = remine(run.method, run.cfg, run.dataset, run.device, epoch)
+    run.pairs, stats = remine(run.method, run.cfg, run.dataset, run.device, epoch, run.pairs)
     run.mined_epoch = epoch
     set_known_positives(run)
     run.loader = build_train_loader(run.cfg, run.dataset, run.device, run.rank, run.world, run.pairs, run.images)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 
-# the per-arm scores of `sepp run`: evaluation name (run.evals) -> (result key, label)
+# the per-arm scores of `sepp run`, the one list of them: evaluation name (run.evals) -> (result key, label);
+# `sepp.eval.RUN_EVALS` (the allowed run.evals) is these and embed_plot
 SCORES = {"knn": ("knn_top1", "kNN top-1"), "linear": ("linear_top1", "linear top-1"),
           "finetune": ("finetune_top1", "fine-tune top-1"), "transfer": ("transfer_score", "transfer")}
 

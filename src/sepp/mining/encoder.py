@@ -17,8 +17,8 @@ from sepp.errors import SeppError
 from sepp.methods import resolve
 from sepp.methods.checkpoint import (FORMAT, clean_state_dict, config_from_checkpoint, file_hash, load_checkpoint,
                                      load_trained)
-from sepp.mining.from_model import encoder_for, mine_settings, training_images
-from sepp.mining.run import mine_pairs
+from sepp.mining.from_model import encoder_for, training_images
+from sepp.mining.run import MineSettings, mine_pairs
 from sepp.models.backbones import torchvision_resnet
 
 
@@ -115,9 +115,9 @@ def load_encoder(path, arch: str | None = None, cifar_stem: bool | None = None,
     return model.eval(), {"kind": kind, "arch": arch, "cifar_stem": cifar_stem}
 
 
-def mine_with_encoder(path, cfg, out_dir, arch: str | None = None, cifar_stem: bool | None = None) -> dict:
+def mine_with_encoder(path, cfg, out_dir, arch: str | None = None, cifar_stem: bool | None = None) -> tuple:
     """Mine pairs of ``cfg.data``'s training split with the encoder in ``path`` and ``cfg.mine``'s settings
-    (as ``sepp mine --checkpoint`` does); returns the statistics of :func:`sepp.mining.run.mine_pairs`."""
+    (as ``sepp mine --checkpoint`` does); returns ``(pairs, statistics)`` of :func:`sepp.mining.run.mine_pairs`."""
     if str(cfg.mine.get("oracle", "none")) != "none":
         raise SeppError("mine.oracle builds diagnostic pairs through `sepp mine --checkpoint`; drop mine.oracle "
                         "or use --checkpoint")
@@ -126,6 +126,6 @@ def mine_with_encoder(path, cfg, out_dir, arch: str | None = None, cifar_stem: b
     dataset = training_images(cfg)
     meta = {"encoder_checkpoint": str(path), "encoder_sha256": file_hash(path), "encoder_kind": info["kind"],
             "encoder_arch": info["arch"], "encoder_cifar_stem": info["cifar_stem"],
-            "encoder_method": info.get("method"), "encoder_epoch": info.get("epoch"),
-            "features": cfg.mine.features}
-    return mine_pairs(encoder.to(device), dataset, **mine_settings(cfg, device), out_dir=out_dir, meta=meta)
+            "encoder_method": info.get("method"), "encoder_epoch": info.get("epoch")}
+    return mine_pairs(encoder.to(device), dataset, MineSettings.from_config(cfg), device=device, out_dir=out_dir,
+                      meta=meta)

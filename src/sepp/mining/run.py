@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,72 +26,112 @@ def _write_json(path: Path, obj) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
-def mine_pairs(encoder: nn.Module, dataset, *, k: int, threshold: float, mutual: bool, backend: str,
-               chunk_size: int, precision: str, batch_size: int, device: str | torch.device,
-               out_dir: str | os.PathLike, meta: dict, save_embeddings: bool = False, plots: bool = True,
-               workers: int = 0, nlist: int | None = None, nprobe: int | None = None, rank_from: int = 1,
-               oracle: str = "none", oracle_precision: float = 1.0, oracle_candidates: int = 50,
-               seed: int = 0) -> dict:
+# the settings that decide which pairs are kept, recorded in every pair file's meta (re-mining keeps them)
+SELECTION = ("k", "threshold", "mutual", "rank_from", "features")
+
+
+@dataclass(frozen=True)
+class MineSettings:
+    """How to mine: pair selection (``SELECTION``), search, data loading and the DIAGNOSTIC oracle. Built from
+    ``cfg.mine`` (:meth:`from_config`); re-mining replaces the selection by a pair file's (:meth:`with_meta`)."""
+    k: int = 5
+    threshold: float = 0.0
+    mutual: bool = False
+    rank_from: int = 1  # keep neighbours at ranks rank_from..k only (skipping the easiest)
+    features: str = "backbone"  # what the encoder embeds with (recorded; the caller builds the encoder)
+    backend: str = "exact"
+    chunk_size: int = 4096
+    precision: str = "auto"
+    batch_size: int = 512
+    workers: int = 0  # DataLoader workers of the embedding pass (data.workers)
+    save_embeddings: bool = False
+    plots: bool = True
+    oracle: str = "none"  # nearest | random: DIAGNOSTIC pairs from the labels (sepp.mining.oracle)
+    oracle_precision: float = 1.0
+    oracle_candidates: int = 50
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg, **changes) -> "MineSettings":
+        """``cfg.mine`` with ``data.workers`` and ``seed``; ``changes`` replace fields."""
+        m = cfg.mine
+        names = {f.name for f in fields(cls)} - {"workers", "seed", "plots"}
+        values = {name: m[name] for name in names}
+        return cls(**{**values, "workers": max(0, int(cfg.data.workers)), "seed": int(cfg.seed), **changes})
+
+    def with_meta(self, meta: dict, keep: tuple[str, ...] = ()) -> tuple["MineSettings", dict]:
+        """These settings with the selection recorded in a pair file's ``meta`` (keys in ``keep`` and keys
+        the meta lacks stay as they are); also returns ``{key: "pair file" | "config"}`` (where each came from)."""
+        taken = {key: meta[key] for key in SELECTION if key not in keep and meta.get(key) is not None}
+        source = {key: "pair file" if key in taken else "config" for key in SELECTION}
+        return replace(self, **taken), source
+
+    def record(self, precision: str) -> dict:
+        """What a pair file and mining.json record of these settings (``precision`` as resolved)."""
+        out = {"k": int(self.k), "threshold": float(self.threshold), "mutual": bool(self.mutual),
+               "rank_from": int(self.rank_from), "features": self.features, "backend": self.backend,
+               "precision": precision if self.backend == "exact" else None, "oracle": self.oracle}
+        if self.oracle != "none":
+            out.update(oracle_precision=float(self.oracle_precision) if self.oracle == "random" else None,
+                       oracle_candidates=int(self.oracle_candidates) if self.oracle == "nearest" else None,
+                       seed=int(self.seed))
+        return out
+
+
+def mine_pairs(encoder: nn.Module, dataset, settings: MineSettings, *, device: str | torch.device,
+               out_dir: str | os.PathLike, meta: dict) -> tuple[Pairs, dict]:
     """Mine semantic positive pairs of ``dataset`` (an IndexedDataset with the eval transform) with the
-    frozen ``encoder`` (backbone, or backbone + projector, as ``mine.features`` says).
+    frozen ``encoder`` (backbone, or backbone + projector, as ``settings.features`` says); returns
+    ``(pairs, statistics)``.
 
-    Writes to ``out_dir``: ``pairs.npz`` (``meta`` plus k, threshold, mutual, num_images, fingerprint, name,
-    split, backend, precision), ``mining.json`` (the statistics, with settings and timings),
-    ``embeddings.npy`` when ``save_embeddings``, ``pairs_gallery.png`` and ``similarity_hist.png`` when
-    ``plots``. Labels are used only for the statistics and figures. Under torchrun every rank embeds and
-    searches its share, rank 0 writes the files; all ranks return the statistics.
-
-    ``rank_from`` keeps neighbours at ranks ``rank_from..k`` only (skipping the easiest). ``oracle``
-    ("nearest" | "random", see :mod:`sepp.mining.oracle`) builds DIAGNOSTIC pairs from the labels instead
-    (threshold, mutual and rank_from do not apply); their files say so first.
-    """
+    Writes to ``out_dir``: ``pairs.npz`` (``meta`` plus the settings, num_images, fingerprint, name, split,
+    embedding_dim), ``mining.json`` (the statistics, with settings and timings), ``embeddings.npy`` when
+    ``settings.save_embeddings``, ``pairs_gallery.png`` and ``similarity_hist.png`` when ``settings.plots``.
+    Labels are used only for the statistics and figures, and by the DIAGNOSTIC oracles (whose files say so
+    first). Under torchrun every rank embeds and searches its share, rank 0 writes the files; all ranks
+    return the pairs and statistics."""
     rank, world = D.get_rank(), D.get_world_size()
-    device = torch.device(device)
-    out_dir = Path(out_dir)
+    device, out_dir = torch.device(device), Path(out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-    precision = resolve_precision(precision, device)
-    n = len(dataset)
-
+    precision = resolve_precision(settings.precision, device)
     t0 = time.perf_counter()
-    emb = embed(encoder, dataset, device, batch_size=batch_size,
-                out_path=out_dir / "embeddings.npy" if save_embeddings else None,
-                rank=rank, world=world, workers=workers)
+    emb = embed(encoder, dataset, device, batch_size=settings.batch_size, rank=rank, world=world,
+                out_path=out_dir / "embeddings.npy" if settings.save_embeddings else None, workers=settings.workers)
     t1 = time.perf_counter()
-    labels = getattr(dataset, "labels", None)
-    classes = getattr(dataset, "classes", None)
-    if oracle == "random":
-        i, j = random_partners(labels, k, oracle_precision, seed)
-        s = np.einsum("nd,nd->n", np.asarray(emb[i]), np.asarray(emb[j])).astype(np.float32)
-    else:
-        search_k = max(k, oracle_candidates) if oracle == "nearest" else k
-        idx, sim = topk(emb, search_k, backend, chunk_size=chunk_size, device=device, precision=precision,
-                        nlist=nlist, nprobe=nprobe, rank=rank, world=world)
-        i, j, s = (nearest_same_class(idx, sim, labels, k) if oracle == "nearest"
-                   else select_pairs(idx, sim, k, threshold, mutual, rank_from))
+    i, j, s = _select(emb, dataset, settings, device, precision, rank, world)
     t2 = time.perf_counter()
-
-    stats = mining_stats(i, j, s, n, labels=labels, classes=classes)
-    settings = {"k": int(k), "threshold": float(threshold), "mutual": bool(mutual), "rank_from": int(rank_from),
-                "num_images": n, "fingerprint": dataset.fingerprint(), "name": dataset.name,
-                "split": dataset.split, "backend": backend, "precision": precision if backend == "exact" else None,
-                "embedding_dim": int(emb.shape[1]), "oracle": oracle}
-    if oracle != "none":
-        settings.update(oracle_precision=float(oracle_precision) if oracle == "random" else None,
-                        oracle_candidates=int(oracle_candidates) if oracle == "nearest" else None,
-                        seed=int(seed))
-        stats = {"diagnostic": diagnostic_line(oracle, oracle_precision), **stats}
-    stats["settings"] = settings
+    labels, classes = getattr(dataset, "labels", None), getattr(dataset, "classes", None)
+    stats = mining_stats(i, j, s, len(dataset), labels=labels, classes=classes)
+    if settings.oracle != "none":
+        stats = {"diagnostic": diagnostic_line(settings.oracle, settings.oracle_precision), **stats}
+    stats["settings"] = {**settings.record(precision), "num_images": len(dataset),
+                         "fingerprint": dataset.fingerprint(), "name": dataset.name, "split": dataset.split,
+                         "embedding_dim": int(emb.shape[1])}
     stats["timings"] = {"embed_s": t1 - t0, "search_s": t2 - t1}
-
+    pairs = Pairs(i, j, s, {**meta, **stats["settings"]})
     if rank == 0:
-        save_pairs(out_dir / "pairs.npz", Pairs(i, j, s, {**meta, **settings}))
+        save_pairs(out_dir / "pairs.npz", pairs)
         _write_json(out_dir / "mining.json", stats)
-        if plots:
+        if settings.plots:
             _plots(dataset, i, j, s, labels, classes, out_dir)
     if world > 1:
         D.barrier()  # files exist before any rank moves on to training
-    return stats
+    return pairs, stats
+
+
+def _select(emb, dataset, settings: MineSettings, device, precision: str, rank: int, world: int):
+    """``(i, j, sim)``: the kept neighbours of every image, or the DIAGNOSTIC oracle's pairs."""
+    labels, k = getattr(dataset, "labels", None), settings.k
+    if settings.oracle == "random":
+        i, j = random_partners(labels, k, settings.oracle_precision, settings.seed)
+        return i, j, np.einsum("nd,nd->n", np.asarray(emb[i]), np.asarray(emb[j])).astype(np.float32)
+    search_k = max(k, settings.oracle_candidates) if settings.oracle == "nearest" else k
+    idx, sim = topk(emb, search_k, settings.backend, chunk_size=settings.chunk_size, device=device,
+                    precision=precision, rank=rank, world=world)
+    if settings.oracle == "nearest":
+        return nearest_same_class(idx, sim, labels, k)
+    return select_pairs(idx, sim, k, settings.threshold, settings.mutual, settings.rank_from)
 
 
 def _plots(dataset, i, j, s, labels, classes, out_dir: Path) -> None:

@@ -4,15 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from sepp.eval.stats import SCORES, format_difference, format_mean_std
+from sepp.report.results import ARMS
 
 
 def _pct(v, scale=1.0):
     return "—" if v is None else f"{scale * v:.2f}"
-
-
-ARMS = (("baseline", "baseline (same optimizer steps)"),
-        ("control", "control: baseline with the SePP arm's views, all of the image itself (same compute)"),
-        ("sepp", "+ SePP"))
 
 
 SCORE_LABELS = {name: f"{label} (%)" for name, (_, label) in SCORES.items()}
@@ -47,10 +43,10 @@ def _results(results: dict, scored: list[str]) -> list[str]:
     """One row per arm, the paired differences, the pair cosines, the per-seed table and the curves."""
     seeds = results.get("seeds", [])
     lines = []
-    for name, label in ARMS:
-        if name in results:
-            r = results[name]
-            lines.append(f"| {results['method']} {label} | {r['epochs']} | {r['steps']} | {r.get('views', 2)} | "
+    for arm in ARMS:
+        if arm.name in results:
+            r = results[arm.name]
+            lines.append(f"| {results['method']} {arm.report} | {r['epochs']} | {r['steps']} | {r.get('views', 2)} | "
                          f"{r.get('images_forwarded', '—')} | " + " | ".join(format_mean_std(r[m]) for m in scored)
                          + " |")
     lines.append("")
@@ -62,14 +58,15 @@ def _results(results: dict, scored: list[str]) -> list[str]:
         lines.append("")
     if results.get("embed_plot"):
         lines += [f"![2-D embedding of the evaluation split, arms side by side]({results['embed_plot']})", ""]
-    cosines = [(label, results[n]) for n, label in ARMS if n in results and results[n].get("pair_cosine") is not None]
+    cosines = [(a.label, results[a.name]) for a in ARMS
+               if a.name in results and results[a.name].get("pair_cosine") is not None]
     if cosines:
         lines += ["How close the pairs are for each trained model (mean cosine of backbone features over the pairs; "
                   "random image pairs for reference): " + "; ".join(
-                      f"{n.split(':')[0].strip('+ ')} {r['pair_cosine']:.3f} (random {r['random_pair_cosine']:.3f})"
-                      for n, r in cosines) + ".", ""]
+                      f"{n} {r['pair_cosine']:.3f} (random {r['random_pair_cosine']:.3f})" for n, r in cosines) + ".",
+                  ""]
     if len(seeds) > 1:
-        present = [n for n, _ in ARMS if n in results]
+        present = [a.name for a in ARMS if a.name in results]
         keys = {name: key for name, (key, _) in SCORES.items()}
         lines += ["| seed | " + " | ".join(f"{n} {' / '.join(scored)}" for n in present) + " |",
                   "|---|" + "---|" * len(present)]
@@ -113,7 +110,7 @@ def _pairs(m: dict, stats: dict) -> list[str]:
     return lines
 
 
-def write_report(out: Path, results: dict, stats: dict, cfg) -> Path:
+def write_report(out: Path, results: dict, stats: dict) -> Path:
     """``out/report.md``: the setting, the arms' scores and paired differences, the pairs, the time per phase."""
     scored = [m for m in SCORE_LABELS if m in results.get("evals", ["knn", "linear"])]
     lines = _header(results, scored) + _results(results, scored) + _pairs(results["mining"], stats)
