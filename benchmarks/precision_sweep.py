@@ -4,9 +4,12 @@ On one encoder and one training budget, `sepp run` is repeated with the pairs mi
 DIAGNOSTIC oracle pairs (``mine.oracle=random``: each partner of the same class with probability P) at
 several precisions, every point over the same seeds. The baseline and the extra-view control do not depend
 on the pairs (same seeds, same steps), so they are trained once, in the first point, and shared by the
-others. Writes ``precision_sweep.json``, ``precision_sweep.md`` (the table) and ``precision_gain.png``
-(SePP - baseline and SePP - control, kNN and linear, with 95 % intervals, against precision; the mined point
-marked) under ``--out``.
+others (``--baseline-from`` links them from an earlier run instead; `sepp run` checks each linked arm's
+fingerprint and trains it afresh, with the link moved aside, when its settings differ). Writes
+``precision_sweep.json``, ``precision_sweep.md`` (the table) and ``precision_gain.png`` (SePP - baseline and
+SePP - control, kNN and linear, with 95 % intervals, against precision; the mined point marked) under
+``--out``; each point is described by what its run used (the pair file's meta), and the outputs carry the
+DIAGNOSTIC line of the oracle points.
 
     python benchmarks/precision_sweep.py --encoder runs/demo/pretrain/last.pt --out runs/precision_sweep \
         [--precisions 0.3,0.5,0.7,0.9,1.0] [--seeds 0,1,2] [key=value ...]
@@ -32,6 +35,10 @@ from sepp.eval.stats import format_difference
 
 DEFAULTS = ["run.init=baseline", "run.sepp_epochs=8", "sepp.mode=substitute", "sepp.p=0.5", "sepp.mask_negatives=true",
             "sepp.batch_positives=true", "mine.k=400", "mine.threshold=0.0"]
+
+
+DIAGNOSTIC = ("DIAGNOSTIC: the oracle points' pairs are built from the labels (mine.oracle=random), not mined; "
+              "they bound what mining could give")
 
 
 def _points(value: str) -> list:
@@ -70,7 +77,10 @@ def sweep(args) -> dict:
         print(f"== point {point}: {' '.join(overrides)}", flush=True)
         res = run_experiment(load_config(args.config, overrides), progress=False)
         first = first or here
-        rows[point] = {"precision": res["mining"]["precision"], "num_pairs": res["mining"]["num_pairs"],
+        mining = res["mining"]  # what the point's run used (its pair file's meta), not what was asked
+        rows[point] = {**({"diagnostic": res["diagnostic"]} if res.get("diagnostic") else {}),
+                       "oracle": mining["oracle"], "oracle_precision": mining["oracle_precision"], "k": mining["k"],
+                       "precision": mining["precision"], "num_pairs": mining["num_pairs"],
                        "pair_sim_p50": (res["mining"].get("pair_sim") or {}).get("p50"),
                        "difference": res["difference"], "sepp": {m: res["sepp"][m] for m in ("knn", "linear")},
                        "baseline": {m: res["baseline"][m] for m in ("knn", "linear")}}
@@ -79,8 +89,10 @@ def sweep(args) -> dict:
 
 
 def write_outputs(args, out: Path, seeds: list[int], rows: dict) -> dict:
-    result = {"encoder": args.encoder, "config": args.config, "overrides": [*DEFAULTS, *args.overrides],
-              "seeds": seeds, "points": rows, "break_even": break_even(rows)}
+    oracle = any(r.get("diagnostic") for r in rows.values())
+    result = {**({"diagnostic": DIAGNOSTIC} if oracle else {}), "encoder": args.encoder, "config": args.config,
+              "overrides": [*DEFAULTS, *args.overrides], "seeds": seeds, "points": rows,
+              "break_even": break_even(rows)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "precision_sweep.json").write_text(json.dumps(result, indent=2))
     (out / "precision_sweep.md").write_text(table(result))
@@ -108,9 +120,10 @@ def table(result: dict) -> str:
     against = [k for k in next(iter(result["points"].values()))["difference"]]
     head = "| pairs | label precision | pair cos (p50, mining encoder) | " + " | ".join(
         f"{a.replace('sepp-', 'SePP − ')} kNN | {a.replace('sepp-', 'SePP − ')} linear" for a in against) + " |"
-    lines = [head, "|" + "---|" * (3 + 2 * len(against))]
+    lines = [f"> **{result['diagnostic']}**", ""] if result.get("diagnostic") else []
+    lines += [head, "|" + "---|" * (3 + 2 * len(against))]
     for point, r in result["points"].items():
-        name = "mined" if point == "mined" else f"oracle, P = {point}"
+        name = "mined" if r.get("oracle", "none") == "none" else f"oracle, P = {r['oracle_precision']}"
         prec = "—" if r["precision"] is None else f"{100 * r['precision']:.1f} %"
         sim = "—" if r["pair_sim_p50"] is None else f"{r['pair_sim_p50']:.3f}"
         cells = [format_difference(r["difference"][a][m]) for a in against for m in ("knn", "linear")]

@@ -375,6 +375,11 @@ def test_precision_sweep_runs_end_to_end(cifar_root, tmp_path):
     same = [result["points"][p]["baseline"]["knn"]["values"] for p in result["points"]]
     assert same[0] == same[1] == same[2]
     assert "oracle, P = 1.0" in (out / "precision_sweep.md").read_text()
+    # the oracle points say DIAGNOSTIC in every output; each point is described by its pair file
+    assert result["diagnostic"].startswith("DIAGNOSTIC") and "diagnostic" not in result["points"]["mined"]
+    assert result["points"]["0.0"]["diagnostic"].startswith("DIAGNOSTIC") and result["points"]["0.0"]["k"] == 2
+    assert (out / "precision_sweep.md").read_text().startswith("> **DIAGNOSTIC")
+    assert load_pairs(out / "oracle_p0.0" / "mining" / "pairs.npz").meta["oracle_precision"] == 0.0
     assert (out / "precision_gain.png").stat().st_size > 1000
 
 

@@ -76,13 +76,14 @@ def _phase_cfg(cfg: DictConfig, out: Path, epochs: int, **extra) -> DictConfig:
 
 
 @lru_cache(maxsize=32)
-def _hash(path: str, mtime_ns: int) -> str:
+def _hash(path: str, mtime_ns: int, size: int) -> str:
     return file_hash(path)
 
 
 def _file_hash(path) -> str:
-    """SHA-256 (16 hex digits) of a file, computed once per version of it."""
-    return _hash(str(path), Path(path).stat().st_mtime_ns)
+    """SHA-256 (16 hex digits) of a file, computed once per version of it (path, time and size)."""
+    st = Path(path).stat()
+    return _hash(str(path), st.st_mtime_ns, st.st_size)
 
 
 def _train_fingerprint(c: DictConfig, init: str | None, pairs: Pairs | None) -> dict:
