@@ -163,6 +163,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"{metric}: gain over the baseline vs pair precision")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    if result.get("diagnostic"):
+        fig.suptitle(result["diagnostic"], fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
