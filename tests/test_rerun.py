@@ -20,9 +20,10 @@ from conftest import REPO, tiny_overrides
 from sepp.cli import main as cli
 from sepp.config import load_config
 from sepp.data.pairs import Pairs, load_pairs, save_pairs
+from sepp.engine.phases import Phase, differences, enter, mark_done, settings_of
 from sepp.methods.checkpoint import load_checkpoint
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:.*md5.*:UserWarning")]
+pytestmark = pytest.mark.filterwarnings("ignore:.*md5.*:UserWarning")
 
 PHASES = {"1/5": "pretrain", "2/5": "mining", "3/5": "sepp", "4/5": "baseline"}
 
@@ -115,6 +116,7 @@ CHANGES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", list(CHANGES))
 def test_second_run_redoes_exactly_the_affected_phases(first, cifar_root, tmp_path, capsys, change):
     again = tmp_path / "again"
@@ -134,6 +136,7 @@ def test_second_run_redoes_exactly_the_affected_phases(first, cifar_root, tmp_pa
     assert _stored(again, first) == _stored(clean)
 
 
+@pytest.mark.slow
 def test_reuse_never_runs_every_phase_again(first, cifar_root, tmp_path, capsys):
     again = tmp_path / "again"
     shutil.copytree(first, again, symlinks=True)
@@ -143,6 +146,7 @@ def test_reuse_never_runs_every_phase_again(first, cifar_root, tmp_path, capsys)
     assert _stored(again, first) == _stored(first)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_phase_then_rerun_resumes(first, cifar_root, tmp_path, capsys):
     """A run killed with SIGKILL after phase 1's first epoch resumes phase 1 from its last.pt and ends with
     the results of the uninterrupted run."""
@@ -163,8 +167,46 @@ def test_kill_9_mid_phase_then_rerun_resumes(first, cifar_root, tmp_path, capsys
     assert _stored(out) == _stored(first)
 
 
+# ------------------------------------------------------------------------------------- the phase contract
+
+def test_fingerprint_settings_and_differences():
+    cfg = load_config("demo", ["data.root=/x", "mine.k=7", "out=/somewhere"])
+    mining = settings_of(cfg, keep=("mine", "data"), drop=("data.eval_split",))
+    assert mining["mine.k"] == 7 and mining["data.subset"] == 4000
+    assert not {"data.root", "out", "mine.out", "data.eval_split", "train.lr", "command_line"} & set(mining)
+    assert "train.lr" in settings_of(cfg) and "out" not in settings_of(cfg)
+    assert differences({"mine.k": 5, "a": 1}, {"mine.k": 400, "a": 1, "b": 2}) == "b (none) -> 2, mine.k 5 -> 400"
+
+
+def test_enter_reuses_resumes_or_moves_a_phase_aside(tmp_path, capsys):
+    out, fp = tmp_path / "run", {"mine.k": 5, "format": 1}
+    path = out / "mining"
+    assert enter(Phase(path, "phase 2/5 (mining)", fp), out) is None
+    assert json.loads((path / "fingerprint.json").read_text()) == fp
+    (path / "pairs.npz").write_text("half written")
+    assert enter(Phase(path, "phase 2/5 (mining)", fp), out) is None  # same settings, unfinished: resume
+    assert "unchanged: resuming it" in capsys.readouterr().out and (path / "pairs.npz").exists()
+    mark_done(path, {"seconds": 1.0})
+    assert enter(Phase(path, "phase 2/5 (mining)", fp), out) == {"seconds": 1.0}
+    new = {"mine.k": 400, "format": 1}
+    assert enter(Phase(path, "phase 2/5 (mining)", new), out) is None
+    log = capsys.readouterr().out
+    assert "phase 2/5 (mining): mine.k 5 -> 400: running it again" in log
+    assert (out / "stale" / "mining" / "done.json").exists() and not (path / "done.json").exists()
+    mark_done(path, {"seconds": 2.0})
+    assert enter(Phase(path, "phase 2/5 (mining)", new), out, reuse="never") is None
+    assert json.loads((out / "stale" / "mining.2" / "done.json").read_text()) == {"seconds": 2.0}
+    shared = tmp_path / "shared"  # a link to another run's arm (precision_sweep --baseline-from) moves, not its target
+    shared.mkdir()
+    (out / "baseline").symlink_to(shared)
+    assert enter(Phase(out / "baseline", "phase 4/5", fp), out) is None
+    assert (out / "stale" / "baseline").is_symlink() and shared.is_dir() and not (out / "baseline").is_symlink()
+    assert "no fingerprint" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------- re-mining
 
+@pytest.mark.slow
 @pytest.mark.parametrize("explicit", [False, True])
 def test_remining_keeps_the_pair_files_settings(first, cifar_root, tmp_path, capsys, explicit):
     """k, threshold and mutual come from the pair file being replaced, not from the config defaults; a
