@@ -178,6 +178,9 @@ class MineConfig:
     batch_size: int = 512
     save_embeddings: bool = False
     rank_from: int = 1  # keep neighbours at ranks rank_from..k only (1 = from the nearest; >1 skips the easiest)
+    # > 0: keep only the dataset's most similar top-k pairs, about this many per image (a label-free threshold
+    # at that quantile; the most precise rule measured, benchmarks/RESULTS.md 2026-12-07); 0: off
+    pairs_per_image: float = 0.0
     # DIAGNOSTIC pair sources built from the labels (never a default; every output made from them says so):
     # nearest = each image's first k same-class neighbours among its oracle_candidates nearest by the encoder
     # ("perfect mining"); random = k partners per image, each same-class with probability oracle_precision
@@ -284,7 +287,7 @@ POSITIVE = ("train.epochs", "train.batch_size", "eval.knn_k", "eval.batch_size",
             "mine.batch_size", "eval.linear_batch_size", "eval.linear_epochs")
 NON_NEGATIVE = ("data.subset", "data.eval_subset", "train.lr", "train.weight_decay", "train.warmup_epochs",
                 "train.lars_eta",
-                "train.max_steps", "train.stop_at_epoch", "sepp.remine_every", "run.baseline_epochs", "run.sepp_epochs")
+                "train.max_steps", "train.stop_at_epoch", "mine.pairs_per_image", "sepp.remine_every", "run.baseline_epochs", "run.sepp_epochs")
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:
