@@ -47,6 +47,9 @@ class ModelConfig:
     # SyncBatchNorm under DDP. None: on for simclr/simsiam/byol on CUDA (their papers use global / synchronised
     # BN; SyncBatchNorm needs a GPU), off for mocov2 (shuffle-BN, mocov2.bn) and on CPU
     sync_bn: Optional[bool] = None
+    # where the backbone's keys begin in an encoder file (train.init_backbone, run.baseline_checkpoint, sepp mine
+    # --encoder), e.g. state_dict.module.encoder_q.; None: recognised (sepp.models.layouts)
+    key_prefix: Optional[str] = None
 
 
 # Method sections: None = the constructor's default (sepp.methods.<name>, the paper's ImageNet value), filled in
