@@ -122,52 +122,55 @@ def test_bn_counters_a_file_lacks_start_at_zero():
 
 
 @pytest.fixture(scope="module")
-def mining_cfg(cifar_root):
+def mining(cifar_root, tmp_path_factory):
+    """The config, the images and the pairs that the plain weights mine (no pictures: they take seconds)."""
     from sepp.config import load_config
     from sepp.engine.setup import resolve
+    from sepp.mining.from_model import training_images
 
-    return resolve(load_config(None, ["device=cpu", f"data.root={cifar_root}", "data.subset=200", "mine.k=3",
-                                      "data.workers=0", "model.backbone=resnet18_narrow"]))
-
-
-@pytest.fixture(scope="module")
-def plain_pairs(mining_cfg, tmp_path_factory):
-    from sepp.mining.encoder import mine_with_encoder
-
+    cfg = resolve(load_config(None, ["device=cpu", f"data.root={cifar_root}", "data.subset=64", "mine.k=3",
+                                     "data.workers=0", "model.backbone=resnet18_narrow"]))
+    dataset = training_images(cfg)
     net, _ = _nets()
-    out = tmp_path_factory.mktemp("plain")
-    torch.save(net.state_dict(), out / "plain.pt")
-    mine_with_encoder(out / "plain.pt", mining_cfg, out / "mining")
-    return load_pairs(out / "mining" / "pairs.npz")
+    return cfg, dataset, _mine(net.eval(), cfg, dataset, tmp_path_factory.mktemp("plain"))
+
+
+def _mine(encoder, cfg, dataset, out):
+    from sepp.mining.from_model import mine_settings
+    from sepp.mining.run import mine_pairs
+
+    mine_pairs(encoder, dataset, **mine_settings(cfg, "cpu"), out_dir=out, meta={}, plots=False)
+    return load_pairs(out / "pairs.npz")
+
+
+def _same(a, b) -> bool:
+    return np.array_equal(a.i, b.i) and np.array_equal(a.j, b.j) and np.array_equal(a.sim, b.sim)
 
 
 @pytest.mark.filterwarnings("ignore:.*md5.*:UserWarning")
 @pytest.mark.parametrize("name", list(layouts(*_nets())))
-def test_mining_with_each_layout_equals_mining_with_the_plain_weights(name, mining_cfg, plain_pairs, tmp_path):
-    from sepp.cli import main
+def test_mining_with_each_layout_equals_mining_with_the_plain_weights(name, mining, tmp_path):
+    from sepp.mining.encoder import load_encoder
 
+    cfg, dataset, plain = mining
     net, other = _nets()
     torch.save(layouts(net, other)[name], tmp_path / "ckpt.pth")
-    assert main(["mine", "--encoder", str(tmp_path / "ckpt.pth"), f"mine.out={tmp_path / 'm'}", "device=cpu",
-                 f"data.root={mining_cfg.data.root}", "data.subset=200", "mine.k=3", "data.workers=0"]) == 0
-    pairs = load_pairs(tmp_path / "m" / "pairs.npz")
-    assert len(pairs) == 600 and pairs.meta["encoder_layout"]
-    assert np.array_equal(pairs.i, plain_pairs.i) and np.array_equal(pairs.j, plain_pairs.j)
-    assert np.array_equal(pairs.sim, plain_pairs.sim)
+    pairs = _mine(load_encoder(tmp_path / "ckpt.pth")[0], cfg, dataset, tmp_path / "m")
+    assert len(pairs) == 3 * 64 and _same(pairs, plain)
 
 
 @pytest.mark.filterwarnings("ignore:.*md5.*:UserWarning")
-def test_key_prefix_option_of_sepp_mine(mining_cfg, plain_pairs, tmp_path):
+def test_key_prefix_option_of_sepp_mine(mining, tmp_path):
     from sepp.cli import main
+    from sepp.mining.encoder import load_encoder
 
+    cfg, dataset, plain = mining
     net, other = _nets()
     torch.save(_named(other, "a.") | _named(net, "b."), tmp_path / "two.pth")
-    common = [f"data.root={mining_cfg.data.root}", "data.subset=200", "mine.k=3", "data.workers=0", "device=cpu"]
+    common = [f"data.root={cfg.data.root}", "data.subset=64", "mine.k=3", "data.workers=0", "device=cpu"]
     assert main(["mine", "--encoder", str(tmp_path / "two.pth"), f"mine.out={tmp_path / 'x'}", *common]) == 2
     assert main(["mine", "--encoder", str(tmp_path / "two.pth"), "--key-prefix", "b.", f"mine.out={tmp_path / 'm'}",
                  *common]) == 0
-    assert main(["mine", "--encoder", str(tmp_path / "two.pth"), f"mine.out={tmp_path / 'c'}", "model.key_prefix=b.",
-                 *common]) == 0
-    for out in ("m", "c"):
-        pairs = load_pairs(tmp_path / out / "pairs.npz")
-        assert np.array_equal(pairs.j, plain_pairs.j) and np.array_equal(pairs.sim, plain_pairs.sim)
+    pairs = load_pairs(tmp_path / "m" / "pairs.npz")
+    assert _same(pairs, plain) and pairs.meta["encoder_layout"] == "torchvision at 'b.'"
+    assert _same(_mine(load_encoder(tmp_path / "two.pth", key_prefix="b")[0], cfg, dataset, tmp_path / "c"), plain)
