@@ -141,6 +141,10 @@ class TrainConfig:
     log_every: int = 50  # steps between reads of the loss from the device
     max_steps: int = 0  # > 0: train exactly this many optimizer steps (the schedule spans them)
     stop_at_epoch: int = 0  # > 0: pause (resumably) after this epoch, e.g. to fit a job's time limit
+    # start from an encoder file (any file `sepp mine --encoder` reads: a sepp checkpoint or export, a torchvision
+    # state_dict, a MoCo / SimSiam / DINO / solo-learn / lightly / BYOL checkpoint, see model.key_prefix): the
+    # backbone starts from it, the heads fresh unless it is a sepp checkpoint of the same method
+    init_backbone: Optional[str] = None
 
 
 @dataclass

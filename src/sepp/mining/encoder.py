@@ -17,7 +17,7 @@ from sepp.errors import SeppError
 from sepp.methods import resolve
 from sepp.methods.checkpoint import (FORMAT, config_from_checkpoint, file_hash, load_checkpoint,
                                      load_trained)
-from sepp.mining.from_model import encoder_for, mine_settings, training_images
+from sepp.mining.from_model import encoder_for, mine_checkpoint, mine_settings, training_images
 from sepp.mining.run import mine_pairs
 from sepp.models.backbones import torchvision_resnet
 from sepp.models.layouts import backbone_state
@@ -140,3 +140,40 @@ def mine_with_encoder(path, cfg, out_dir, arch: str | None = None, cifar_stem: b
             "encoder_method": info.get("method"), "encoder_epoch": info.get("epoch"),
             "features": cfg.mine.features}
     return mine_pairs(encoder.to(device), dataset, **mine_settings(cfg, device), out_dir=out_dir, meta=meta)
+
+
+def _check_arch(path, arch: str, cifar_stem: bool, cfg) -> None:
+    if (arch, bool(cifar_stem)) != (cfg.model.backbone, bool(cfg.model.cifar_stem)):
+        raise SeppError(f"{path} holds a {arch} backbone (cifar_stem={bool(cifar_stem)}) but the config builds "
+                        f"{cfg.model.backbone} (cifar_stem={bool(cfg.model.cifar_stem)}); set "
+                        f"model.backbone={arch} model.cifar_stem={str(bool(cifar_stem)).lower()}")
+
+
+def encoder_init(path, cfg) -> tuple[dict, dict]:
+    """``(initial weights, info)`` of ``cfg``'s method from an encoder file (``train.init_backbone``,
+    ``run.baseline_checkpoint`` with ``run.init=baseline``): a sepp checkpoint of the same method gives the
+    whole model (heads included); any other file `sepp mine --encoder` reads gives ``backbone.*`` keys
+    (:func:`sepp.methods.checkpoint.initial_state` adds fresh heads). ``info``: file, SHA-256, what was taken,
+    layout. One line when the file's backbone is not ``cfg.model``'s."""
+    obj = _read(Path(path))
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        ckpt = load_checkpoint(path)
+        model = ckpt["config"]["model"]
+        _check_arch(path, model["backbone"], model["cifar_stem"], cfg)
+        same = ckpt["config"]["method"] == cfg.method
+        init = ckpt["model"] if same else {k: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
+        what, layout = ("whole model" if same else "backbone"), "sepp checkpoint"
+    else:
+        encoder, info = load_encoder(path, key_prefix=cfg.model.get("key_prefix"))
+        _check_arch(path, info["arch"], info["cifar_stem"], cfg)
+        init = {f"backbone.{k}": v for k, v in encoder.state_dict().items()}
+        what, layout = "backbone", info["layout"]
+    return init, {"file": str(path), "sha256": file_hash(path, 64), "loaded": what, "layout": layout}
+
+
+def mine_file(path, cfg, out_dir) -> dict:
+    """Mining from any encoder file (phase 2 of `sepp run`): a sepp checkpoint as `sepp mine --checkpoint`
+    (oracle pairs included), any other file as `sepp mine --encoder`."""
+    if is_sepp_checkpoint(path):
+        return mine_checkpoint(str(path), cfg, out_dir)
+    return mine_with_encoder(path, cfg, out_dir)
