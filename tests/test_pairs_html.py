@@ -38,7 +38,8 @@ def _images(n):
 
 def _write(tmp_path, i, j, sim, n, labels=None):
     path = tmp_path / "pairs.html"
-    page.pairs_page(_images(n), i, j, sim, path, n, labels=labels, classes=["cat", "dog"] if labels is not None else None)
+    classes = ["cat", "dog"] if labels is not None else None
+    page.pairs_page(_images(n), i, j, sim, path, n, labels=labels, classes=classes)
     parsed = Figures()
     text = path.read_text(encoding="utf-8")
     parsed.feed(text)

@@ -29,7 +29,8 @@ THUMB = 88  # thumbnail side in pixels
 STYLE = """body{font:13px sans-serif;margin:16px;background:#fafafa;color:#222}
 h1{font-size:20px}h2{font-size:16px;margin-top:24px}p.note{color:#555;max-width:70em}
 .row{display:inline-flex;gap:4px;margin:3px;padding:4px;background:#fff;border:1px solid #ddd;vertical-align:top}
-figure{margin:0;width:%dpx;text-align:center}figure img{width:%dpx;height:%dpx;object-fit:cover;display:block;border:3px solid transparent}
+figure{margin:0;width:%dpx;text-align:center}
+figure img{width:%dpx;height:%dpx;object-fit:cover;display:block;border:3px solid transparent}
 figure.anchor img{border-color:#333}
 figcaption{font-size:11px;line-height:1.2;overflow:hidden;white-space:nowrap;text-overflow:ellipsis}
 .grid{display:flex;flex-wrap:wrap;gap:4px}""" % (THUMB + 6, THUMB, THUMB)
@@ -140,8 +141,9 @@ def pairs_page(load_image: Callable[[int], Image.Image], i, j, sim, path: str | 
     sections = _sections(page, _groups(i, j, sim), num_images, seed)
     shown = sum(body.count('class="row"') for _, _, _, body in sections)
     nav = " · ".join(f'<a href="#{sid}">{html.escape(title)}</a>' for sid, title, _, _ in sections)
+    style = STYLE + (LABEL_STYLE if labels is not None else "")
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>Mined pairs</title>',
-             f"<style>{STYLE}{LABEL_STYLE if labels is not None else ''}</style></head><body>", "<h1>Mined semantic pairs</h1>",
+             f"<style>{style}</style></head><body>", "<h1>Mined semantic pairs</h1>",
              _summary(num_images, i, j, sim, labels, shown), f"<nav>{nav}</nav>"]
     for sid, title, note, body in sections:
         parts += [f'<section id="{sid}"><h2>{html.escape(title)}</h2><p class="note">{note}</p>', body, "</section>"]

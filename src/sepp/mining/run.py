@@ -37,9 +37,10 @@ def mine_pairs(encoder: nn.Module, dataset, *, k: int, threshold: float, mutual:
 
     Writes to ``out_dir``: ``pairs.npz`` (``meta`` plus k, threshold, mutual, num_images, fingerprint, name,
     split, backend, precision), ``mining.json`` (the statistics, with settings and timings),
-    ``embeddings.npy`` when ``save_embeddings``, ``pairs_gallery.png``, ``pairs.html`` (:mod:`sepp.mining.html`)
-    and ``similarity_hist.png`` when ``plots``. Labels are used only for the statistics and figures. Under torchrun every rank embeds and
-    searches its share, rank 0 writes the files; all ranks return the statistics.
+    ``embeddings.npy`` when ``save_embeddings``, ``pairs_gallery.png``, ``pairs.html``
+    (:mod:`sepp.mining.html`) and ``similarity_hist.png`` when ``plots``. Labels are used only for the statistics
+    and figures. Under torchrun every rank embeds and searches its share, rank 0 writes the files; all ranks
+    return the statistics.
 
     ``rank_from`` keeps neighbours at ranks ``rank_from..k`` only (skipping the easiest). ``oracle``
     ("nearest" | "random", see :mod:`sepp.mining.oracle`) builds DIAGNOSTIC pairs from the labels instead
