@@ -56,6 +56,8 @@ def layouts(net, other) -> dict:
         "BYOL PyTorch-BYOL": {"online_network_state_dict": _sequential(net, "encoder.") | _head("projetion.net."),
                               "target_network_state_dict": _sequential(other, "encoder.")},
         "BYOL net.": _named(net, "net.") | _head("projector."),
+        "VISSL trunk": {"classy_state_dict": {"base_model": {"model": {
+            "trunk": _named(net, "_feature_blocks."), "heads": _head("0.clf.0.")}}}, "phase_idx": 3},
     }
 
 

@@ -12,6 +12,7 @@ and SimSiam's projector) and other heads are dropped. Recognised (``LAYOUTS``, p
 - MoCo v1/v2 (facebookresearch/moco): ``state_dict.module.encoder_q.`` (the key encoder ``encoder_k`` is not used);
 - MoCo v3 ResNet (facebookresearch/moco-v3): ``state_dict.module.base_encoder.`` (not ``momentum_encoder``);
 - SimSiam (facebookresearch/simsiam): ``state_dict.module.encoder.`` (``predictor`` dropped);
+- VISSL's own checkpoints: ``classy_state_dict.base_model.model.trunk._feature_blocks.``;
 - DINO training checkpoints: ``teacher.module.backbone.`` (the teacher, as DINO evaluates it, not ``student``);
 - solo-learn: ``state_dict.backbone.``; lightly: ``backbone.`` of ``nn.Sequential(*list(resnet.children())[:-1])``;
 - BYOL: lucidrains/byol-pytorch ``online_encoder.net.``, sthalles/PyTorch-BYOL
@@ -40,6 +41,7 @@ LAYOUTS = (
     ("online_encoder.net.", "named", "BYOL (lucidrains/byol-pytorch)"),
     ("teacher.module.backbone.", "named", "DINO (teacher)"),
     ("encoder.", "named", "SimSiam"),
+    ("_feature_blocks.", "named", "VISSL trunk"),
     ("backbone.", "named", "solo-learn"),
     ("", "named", "torchvision"),
     ("", "sequential", "Sequential of torchvision ResNet children"),
