@@ -13,6 +13,7 @@ from PIL import Image
 
 from sepp.cli import main
 from sepp.config import load_config
+from sepp.errors import SeppError
 from sepp.methods import build_method, resolve
 from sepp.methods.checkpoint import file_hash, initial_state
 
@@ -73,6 +74,29 @@ def test_backbone_weights_go_to_the_momentum_copy_and_heads_start_fresh():
     with pytest.warns(UserWarning, match="heads do not fit"):
         mixed = initial_state(other_heads, source.state_dict())
     assert torch.equal(mixed["backbone.conv1.weight"], source.state_dict()["backbone.conv1.weight"])
+
+
+def test_encoder_init_takes_heads_only_from_a_sepp_checkpoint_of_the_same_method(tmp_path):
+    from sepp.methods.checkpoint import save_checkpoint
+    from sepp.mining.encoder import encoder_init
+
+    overrides = ["device=cpu", "model.backbone=resnet18_narrow", "mocov2.proj_hidden_dim=64",
+                 "simclr.proj_hidden_dim=64"]
+    cfg = resolve(load_config("imagenette_mocov2", overrides))
+    method = _method()
+    save_checkpoint(tmp_path / "moco.pt", method, torch.optim.SGD(method.parameters(), lr=0.1), cfg, 1, 1)
+    init, info = encoder_init(tmp_path / "moco.pt", cfg)
+    assert info["loaded"] == "whole model" and set(init) == set(method.state_dict())
+    simclr = resolve(load_config("imagenette_mocov2", [*overrides, "method=simclr"]))
+    init, info = encoder_init(tmp_path / "moco.pt", simclr)  # another method: its backbone only
+    assert info["loaded"] == "backbone" and set(init) == {f"backbone.{k}" for k in method.backbone.state_dict()}
+    moco_file = {"state_dict": {f"module.encoder_q.{k}": v for k, v in method.backbone.state_dict().items()}}
+    torch.save(moco_file, tmp_path / "moco_v2.pth.tar")
+    init, info = encoder_init(tmp_path / "moco_v2.pth.tar", cfg)
+    assert info["layout"].startswith("MoCo v1/v2") and info["sha256"] == file_hash(tmp_path / "moco_v2.pth.tar", 64)
+    assert all(torch.equal(init[f"backbone.{k}"], v) for k, v in method.backbone.state_dict().items())
+    with pytest.raises(SeppError, match="holds a resnet18_narrow backbone .* set model.backbone=resnet18_narrow"):
+        encoder_init(tmp_path / "moco_v2.pth.tar", resolve(load_config("imagenette_mocov2", ["device=cpu"])))
 
 
 @pytest.mark.filterwarnings("ignore:.*no labels.*")
