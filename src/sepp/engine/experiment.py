@@ -93,7 +93,7 @@ def _init_state(path: str, cfg: DictConfig):
 
 def run_experiment(cfg: DictConfig, progress: bool = True) -> dict:
     """The five phases of the module docstring; returns the results (also in ``results.json``)."""
-    cfg = without_labels(resolve(cfg))
+    cfg = without_labels(resolve(cfg), evals=True)
     out = Path(cfg.out)
     if dist_utils.is_main():
         out.mkdir(parents=True, exist_ok=True)

@@ -47,20 +47,21 @@ def has_eval_labels(cfg) -> bool:
     return has_labels(cfg.data, eval_train_split(cfg)) and has_labels(cfg.data, cfg.data.eval_split)
 
 
-def without_labels(cfg):
+def without_labels(cfg, evals: bool = False):
     """``cfg`` unchanged when its evaluation splits are labelled; otherwise a copy without the kNN monitor
-    (``train.knn_every=-1``) and without the label evaluations of ``run.evals``, after one notice, so that no
-    label-dependent number is computed or reported."""
+    (``train.knn_every=-1``) and, with ``evals`` (`sepp run`), without the label evaluations of ``run.evals``,
+    after one notice, so that no label-dependent number is computed or reported."""
     if has_eval_labels(cfg):
         return cfg
-    dropped = [e for e in cfg.run.evals if e in LABEL_EVALS]
+    dropped = [e for e in cfg.run.evals if e in LABEL_EVALS] if evals else []
     if cfg.train.knn_every >= 0 or dropped:
         warn_once(f"{cfg.data.name} at {cfg.data.root} has no labels (a flat image folder / unlabeled split): "
                   "no kNN monitor" + (f" and no {', '.join(dropped)}" if dropped else "") + "; pairs are "
                   "mined and trained on as usual", key=("no-labels", str(cfg.data.root)))
     cfg = cfg.copy()
     cfg.train.knn_every = -1
-    cfg.run.evals = [e for e in cfg.run.evals if e not in LABEL_EVALS]
+    if evals:
+        cfg.run.evals = [e for e in cfg.run.evals if e not in LABEL_EVALS]
     return cfg
 
 
