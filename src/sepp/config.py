@@ -209,7 +209,9 @@ class SeppConfig:
 
 @dataclass
 class RunConfig:
-    baseline_checkpoint: Optional[str] = None  # skip phase 1 and mine from this checkpoint
+    # skip phase 1 and mine with this encoder file (what train.init_backbone reads); run.init=baseline starts
+    # the SePP arm and the step-matched baseline from it
+    baseline_checkpoint: Optional[str] = None
     baseline_epochs: int = 0  # phase-1 pretraining epochs (0: train.epochs)
     sepp_epochs: int = 0  # SePP training epochs (0: train.epochs)
     init: str = "scratch"  # scratch | baseline: the SePP model starts from random weights or phase 1

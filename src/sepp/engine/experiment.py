@@ -3,7 +3,8 @@
 Phases, each in its own sub-directory of ``out`` and skipped when its ``done.json`` exists (an interrupted
 phase resumes from its ``last.pt``):
 
-1. ``pretrain/`` — the baseline SSL pretraining that mines the pairs (or ``run.baseline_checkpoint``);
+1. ``pretrain/`` — the baseline SSL pretraining that mines the pairs (or ``run.baseline_checkpoint``: any encoder
+   file, see :mod:`sepp.models.layouts`);
 2. ``mining/``   — semantic positive pairs over the whole training set from that encoder;
 3. ``sepp/``     — the same method trained with the pairs as extra positives (from scratch, or from phase 1
    with ``run.init=baseline``);
