@@ -36,8 +36,8 @@ def _header(results: dict, scored: list[str]) -> list[str]:
         "",
         "## Results",
         "",
-        "| model | epochs | optimizer steps | views / sample | images forwarded | "
-        + " | ".join(SCORE_LABELS[m] for m in scored) + " |",
+        "| model | epochs | optimizer steps | views / sample | images forwarded |"
+        + "".join(f" {SCORE_LABELS[m]} |" for m in scored),
         "|---|---|---|---|---|" + "---|" * len(scored),
     ]
     return lines
@@ -51,8 +51,7 @@ def _results(results: dict, scored: list[str]) -> list[str]:
         if name in results:
             r = results[name]
             lines.append(f"| {results['method']} {label} | {r['epochs']} | {r['steps']} | {r.get('views', 2)} | "
-                         f"{r.get('images_forwarded', '—')} | " + " | ".join(format_mean_std(r[m]) for m in scored)
-                         + " |")
+                         f"{r.get('images_forwarded', '—')} |" + "".join(f" {format_mean_std(r[m])} |" for m in scored))
     lines.append("")
     for key, d in [(k, d) for k, d in results.get("difference", {}).items() if d]:
         other = key.split("-", 1)[1]
@@ -80,7 +79,8 @@ def _results(results: dict, scored: list[str]) -> list[str]:
     if results["dataset"] == "cifar10":
         lines += ["CIFAR-10 here may be the JPEG-degraded copy of the development machines: compare the two "
                   "rows with each other, not with published tables.", ""]
-    lines += ["![kNN accuracy and loss against optimizer steps](curves.png)", ""]
+    curves = "kNN accuracy and loss" if "knn" in scored else "training loss"
+    lines += [f"![{curves} against optimizer steps](curves.png)", ""]
     return lines
 
 
