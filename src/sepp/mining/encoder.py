@@ -1,7 +1,11 @@
-"""Mining with any encoder file (`sepp mine --encoder FILE`): a sepp checkpoint, a `sepp export` output (its
-JSON sidecar names the architecture) or a torchvision ResNet ``state_dict`` (architecture from ``arch`` /
-``cifar_stem``, else read off the keys and the stem's kernel). Features, search and pair files are those of
-``sepp mine --checkpoint``; the pair file's meta records the encoder file's SHA-256 either way.
+"""Any encoder file: a sepp checkpoint, a `sepp export` output (its JSON sidecar names the architecture) or the
+checkpoint of a public SSL code (MoCo, SimSiam, DINO, solo-learn, lightly, BYOL, torchvision, ...; the backbone
+is found by :mod:`sepp.models.layouts`, ``key_prefix`` / ``model.key_prefix`` where guessing cannot; the
+architecture from ``arch`` / ``cifar_stem``, else read off the keys and the stem's kernel).
+
+Mining with it (`sepp mine --encoder FILE`, phase 2 of `sepp run` from ``run.baseline_checkpoint``): features,
+search and pair files are those of ``sepp mine --checkpoint``; the pair file's meta records the encoder file's
+SHA-256 and layout. Training from it (``train.init_backbone``, ``run.init=baseline``): :func:`encoder_init`.
 """
 from __future__ import annotations
 
