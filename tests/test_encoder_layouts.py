@@ -130,7 +130,7 @@ def mining(cifar_root, tmp_path_factory):
     from sepp.engine.setup import resolve
     from sepp.mining.from_model import training_images
 
-    cfg = resolve(load_config(None, ["device=cpu", f"data.root={cifar_root}", "data.subset=64", "mine.k=3",
+    cfg = resolve(load_config(None, ["device=cpu", f"data.root={cifar_root}", "data.subset=32", "mine.k=3",
                                      "data.workers=0", "model.backbone=resnet18_narrow"]))
     dataset = training_images(cfg)
     net, _ = _nets()
@@ -158,7 +158,7 @@ def test_mining_with_each_layout_equals_mining_with_the_plain_weights(name, mini
     net, other = _nets()
     torch.save(layouts(net, other)[name], tmp_path / "ckpt.pth")
     pairs = _mine(load_encoder(tmp_path / "ckpt.pth")[0], cfg, dataset, tmp_path / "m")
-    assert len(pairs) == 3 * 64 and _same(pairs, plain)
+    assert len(pairs) == 3 * 32 and _same(pairs, plain)
 
 
 @pytest.mark.filterwarnings("ignore:.*md5.*:UserWarning")
@@ -169,7 +169,7 @@ def test_key_prefix_option_of_sepp_mine(mining, tmp_path):
     cfg, dataset, plain = mining
     net, other = _nets()
     torch.save(_named(other, "a.") | _named(net, "b."), tmp_path / "two.pth")
-    common = [f"data.root={cfg.data.root}", "data.subset=64", "mine.k=3", "data.workers=0", "device=cpu"]
+    common = [f"data.root={cfg.data.root}", "data.subset=32", "mine.k=3", "data.workers=0", "device=cpu"]
     assert main(["mine", "--encoder", str(tmp_path / "two.pth"), f"mine.out={tmp_path / 'x'}", *common]) == 2
     assert main(["mine", "--encoder", str(tmp_path / "two.pth"), "--key-prefix", "b.", f"mine.out={tmp_path / 'm'}",
                  *common]) == 0
