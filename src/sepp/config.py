@@ -47,6 +47,9 @@ class ModelConfig:
     # SyncBatchNorm under DDP. None: on for simclr/simsiam/byol on CUDA (their papers use global / synchronised
     # BN; SyncBatchNorm needs a GPU), off for mocov2 (shuffle-BN, mocov2.bn) and on CPU
     sync_bn: Optional[bool] = None
+    # where the backbone's keys begin in an encoder file (train.init_backbone, run.baseline_checkpoint, sepp mine
+    # --encoder), e.g. state_dict.module.encoder_q.; None: recognised (sepp.models.layouts)
+    key_prefix: Optional[str] = None
 
 
 # Method sections: None = the constructor's default (sepp.methods.<name>, the paper's ImageNet value), filled in
@@ -138,6 +141,10 @@ class TrainConfig:
     log_every: int = 50  # steps between reads of the loss from the device
     max_steps: int = 0  # > 0: train exactly this many optimizer steps (the schedule spans them)
     stop_at_epoch: int = 0  # > 0: pause (resumably) after this epoch, e.g. to fit a job's time limit
+    # start from an encoder file (any file `sepp mine --encoder` reads: a sepp checkpoint or export, a torchvision
+    # state_dict, a MoCo / SimSiam / DINO / solo-learn / lightly / BYOL checkpoint, see model.key_prefix): the
+    # backbone starts from it, the heads fresh unless it is a sepp checkpoint of the same method
+    init_backbone: Optional[str] = None
 
 
 @dataclass
@@ -205,7 +212,9 @@ class SeppConfig:
 
 @dataclass
 class RunConfig:
-    baseline_checkpoint: Optional[str] = None  # skip phase 1 and mine from this checkpoint
+    # skip phase 1 and mine with this encoder file (what train.init_backbone reads); run.init=baseline starts
+    # the SePP arm and the step-matched baseline from it
+    baseline_checkpoint: Optional[str] = None
     baseline_epochs: int = 0  # phase-1 pretraining epochs (0: train.epochs)
     sepp_epochs: int = 0  # SePP training epochs (0: train.epochs)
     init: str = "scratch"  # scratch | baseline: the SePP model starts from random weights or phase 1

@@ -3,7 +3,8 @@
 Phases, each in its own sub-directory of ``out`` and skipped when its ``done.json`` exists (an interrupted
 phase resumes from its ``last.pt``):
 
-1. ``pretrain/`` — the baseline SSL pretraining that mines the pairs (or ``run.baseline_checkpoint``);
+1. ``pretrain/`` — the baseline SSL pretraining that mines the pairs (or ``run.baseline_checkpoint``: any encoder
+   file, see :mod:`sepp.models.layouts`);
 2. ``mining/``   — semantic positive pairs over the whole training set from that encoder;
 3. ``sepp/``     — the same method trained with the pairs as extra positives (from scratch, or from phase 1
    with ``run.init=baseline``);
@@ -32,8 +33,9 @@ from sepp.eval.pairs import pair_cosine
 from sepp.eval.run import knn_from_method, linear_from_method
 from sepp.eval.stats import SCORES, format_difference, format_mean_std, paired_difference, summarize
 from sepp.eval.transfer import transfer_checkpoint
-from sepp.methods.checkpoint import load_checkpoint, load_trained
-from sepp.mining.from_model import mine_checkpoint
+from sepp.eval.data import LABEL_EVALS, has_eval_labels, without_labels
+from sepp.methods.checkpoint import file_hash, load_trained
+from sepp.mining.encoder import encoder_init, mine_file
 from sepp.report.curves import plot_curves
 from sepp.report.markdown import write_report
 
@@ -84,13 +86,15 @@ def _train(cfg: DictConfig, out: Path, progress: bool, init_state=None) -> dict:
     return _mark(out, summary)
 
 
-def _init_state(path: str):
-    return load_checkpoint(path)["model"]
+def _init_state(path: str, cfg: DictConfig):
+    """The arms' initial weights from phase 1's file: any encoder file (heads fresh unless it is a sepp
+    checkpoint of the same method; see :func:`sepp.mining.encoder.encoder_init`)."""
+    return encoder_init(path, cfg)[0]
 
 
 def run_experiment(cfg: DictConfig, progress: bool = True) -> dict:
     """The five phases of the module docstring; returns the results (also in ``results.json``)."""
-    cfg = resolve(cfg)
+    cfg = without_labels(resolve(cfg), evals=True)
     out = Path(cfg.out)
     if dist_utils.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +121,9 @@ def run_experiment(cfg: DictConfig, progress: bool = True) -> dict:
 
 def _baseline_phase(cfg: DictConfig, out: Path, progress: bool, seconds: dict) -> tuple:
     """1. baseline pretraining (mines the pairs), with cfg.seed; ``(summary or None, its checkpoint)``."""
-    if cfg.run.baseline_checkpoint:
+    if cfg.run.baseline_checkpoint:  # any encoder file; its backbone must fit cfg.model when arms start from it
+        if cfg.run.init == "baseline":
+            _init_state(str(cfg.run.baseline_checkpoint), cfg)
         return None, str(cfg.run.baseline_checkpoint)
     _log("phase 1/5: baseline pretraining")
     phase1 = _train(_phase_cfg(cfg, out / "pretrain", cfg.run.baseline_epochs or cfg.train.epochs),
@@ -133,7 +139,7 @@ def _mining_phase(cfg: DictConfig, out: Path, phase1_ckpt: str, seconds: dict) -
     mining = _done(out / "mining")
     if mining is None:
         t0 = time.time()
-        stats = mine_checkpoint(phase1_ckpt, cfg, out / "mining")
+        stats = mine_file(phase1_ckpt, cfg, out / "mining")
         mining = _mark(out / "mining", {"stats": stats, "seconds": time.time() - t0})
     seconds["mining"] = mining["seconds"]
     return mining["stats"]
@@ -148,11 +154,12 @@ def _results(cfg: DictConfig, out: Path, seeds: list, arms: dict, stats: dict, p
         "num_images": arms["sepp"][0]["num_images"], "device": cfg.device,
         "world_size": dist_utils.get_world_size(), "seeds": seeds, "out": str(out),
         **{name: _aggregate(runs) for name, runs in arms.items()},
-        "mining": {**{k: stats.get(k) for k in ("num_pairs", "coverage", "precision", "num_images")},
+        "mining": {**{k: stats[k] for k in ("num_pairs", "coverage", "precision", "num_images") if k in stats},
                    "k": cfg.mine.k, "threshold": cfg.mine.threshold, "mutual": cfg.mine.mutual,
                    "rank_from": cfg.mine.rank_from, "features": cfg.mine.features, "oracle": cfg.mine.oracle,
                    "oracle_precision": cfg.mine.oracle_precision if cfg.mine.oracle == "random" else None,
-                   "encoder": phase1_ckpt, "pair_sim": stats.get("sim")},
+                   "encoder": phase1_ckpt, "encoder_sha256": file_hash(phase1_ckpt, 64),
+                   "pair_sim": stats.get("sim")},
         "budget": cfg.run.budget,
         "seconds": seconds,
     }
@@ -160,6 +167,8 @@ def _results(cfg: DictConfig, out: Path, seeds: list, arms: dict, stats: dict, p
                            batch_positives=bool(cfg.sepp.batch_positives))
     scored = [m for m in SCORES if m in cfg.run.evals]
     results["evals"] = list(cfg.run.evals)
+    if not has_eval_labels(cfg):  # no label-dependent number at all, not even a null one
+        _drop_label_numbers(results)
     results["difference"] = {f"sepp-{other}": {m: paired_difference(results["sepp"][m]["values"],
                                                                       results[other][m]["values"])
                                                  for m in scored}
@@ -167,10 +176,22 @@ def _results(cfg: DictConfig, out: Path, seeds: list, arms: dict, stats: dict, p
     return results
 
 
+def _drop_label_numbers(results: dict) -> None:
+    """Remove every label-dependent score (kNN, linear, fine-tuning) from each arm of ``results``."""
+    label_scores = [name for name in SCORES if name in LABEL_EVALS]
+    for name in ("sepp", "baseline", "control"):
+        arm = results.get(name)
+        for score in label_scores if arm else ():
+            arm.pop(score)
+            arm.pop(SCORES[score][0])
+            for run in arm["runs"]:
+                run.pop(SCORES[score][0])
+
+
 def _write_outputs(cfg: DictConfig, out: Path, results: dict, arms: dict, stats: dict) -> None:
     """results.json, the mining pictures, curves.png, embed.png and report.md (main process)."""
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    for name in ("pairs_gallery.png", "similarity_hist.png"):
+    for name in ("pairs_gallery.png", "similarity_hist.png", "pairs.html"):
         if (out / "mining" / name).exists():
             shutil.copyfile(out / "mining" / name, out / name)
     labels = {"sepp": "SePP", "baseline": "baseline", "control": "control (extra views)"}
@@ -185,7 +206,7 @@ def _seed_arms(cfg, seed: int, where: Path, out: Path, phase1, phase1_ckpt: str,
                progress: bool) -> dict:
     """Train and evaluate the compared arms of one seed: ``sepp``, ``baseline`` (same budget) and, when the
     SePP arm forwards more views per step, ``control`` (the baseline with as many views of the image)."""
-    init = _init_state(phase1_ckpt) if cfg.run.init == "baseline" else None
+    init = _init_state(phase1_ckpt, cfg) if cfg.run.init == "baseline" else None
     sepp_epochs = cfg.run.sepp_epochs or cfg.train.epochs
     _log(f"phase 3/5 (seed {seed}): SePP training with {stats['num_pairs']} pairs ({cfg.sepp.mode})")
     sepp_cfg = _phase_cfg(cfg, where / "sepp", sepp_epochs, seed=seed, **{
@@ -307,13 +328,13 @@ def comparison_table(results: dict) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     if results.get("diagnostic"):
         lines.insert(0, results["diagnostic"])
-    for key, d in results.get("difference", {}).items():
-        n = next(iter(d.values()))["n"] if d else 0
+    for key, d in [(k, d) for k, d in results.get("difference", {}).items() if d]:
+        n = next(iter(d.values()))["n"]
         lines.append(f"{key.replace('sepp-', 'SePP - ')}: " + ", ".join(
             f"{SCORES[m][1].split(' ')[0]} {format_difference(v)}" for m, v in d.items()) + f" ({n} seed(s), paired)")
     m = results["mining"]
-    prec = "n/a (no labels)" if m.get("precision") is None else f"{100 * m['precision']:.1f} %"
-    lines.append(f"pairs: {m['num_pairs']} (coverage {100 * m['coverage']:.1f} %, label precision {prec})")
+    prec = "" if m.get("precision") is None else f", label precision {100 * m['precision']:.1f} %"
+    lines.append(f"pairs: {m['num_pairs']} (coverage {100 * m['coverage']:.1f} %{prec})")
     return "\n".join(lines)
 
 

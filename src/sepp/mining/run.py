@@ -15,6 +15,7 @@ from sepp.fileio import atomic_write
 from sepp.mining.embed import embed
 from sepp.mining.oracle import diagnostic_line, nearest_same_class, random_partners
 from sepp.data.pairs import Pairs, save_pairs
+from sepp.mining.html import pairs_page
 from sepp.mining.pairs import select_pairs
 from sepp.mining.plots import pairs_gallery, similarity_hist
 from sepp.mining.search import resolve_precision, topk
@@ -36,9 +37,10 @@ def mine_pairs(encoder: nn.Module, dataset, *, k: int, threshold: float, mutual:
 
     Writes to ``out_dir``: ``pairs.npz`` (``meta`` plus k, threshold, mutual, num_images, fingerprint, name,
     split, backend, precision), ``mining.json`` (the statistics, with settings and timings),
-    ``embeddings.npy`` when ``save_embeddings``, ``pairs_gallery.png`` and ``similarity_hist.png`` when
-    ``plots``. Labels are used only for the statistics and figures. Under torchrun every rank embeds and
-    searches its share, rank 0 writes the files; all ranks return the statistics.
+    ``embeddings.npy`` when ``save_embeddings``, ``pairs_gallery.png``, ``pairs.html``
+    (:mod:`sepp.mining.html`) and ``similarity_hist.png`` when ``plots``. Labels are used only for the statistics
+    and figures. Under torchrun every rank embeds and searches its share, rank 0 writes the files; all ranks
+    return the statistics.
 
     ``rank_from`` keeps neighbours at ranks ``rank_from..k`` only (skipping the easiest). ``oracle``
     ("nearest" | "random", see :mod:`sepp.mining.oracle`) builds DIAGNOSTIC pairs from the labels instead
@@ -98,6 +100,8 @@ def _plots(dataset, i, j, s, labels, classes, out_dir: Path) -> None:
         return np.asarray(dataset.load_image(t).convert("RGB"))
 
     pairs_gallery(get_image, i, j, s, out_dir / "pairs_gallery.png", labels=labels, classes=classes)
+    pairs_page(dataset.load_image, i, j, s, out_dir / "pairs.html", len(dataset), labels=labels, classes=classes,
+               names=getattr(dataset, "paths", None))
     known, correct = pair_correct(i, j, labels)
     if known.any():
         similarity_hist(s[known], out_dir / "similarity_hist.png", correct=correct[known])
