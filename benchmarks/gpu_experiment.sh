@@ -6,8 +6,9 @@
 #   0. calibration: one epoch of the recipe (train.max_steps = one epoch) measures the seconds per epoch;
 #   1. MoCo-v2 baseline pretraining for E epochs, E planned from that measurement so everything fits the budget;
 #   2. mining over all 50,000 images with that encoder (exact cosine top-5, backbone features);
-#   3. SePP training that continues from the phase-1 encoder for E/2 epochs in the setting where the CPU science
-#      runs found label-correct pairs to pay off (benchmarks/RESULTS.md 2026-12-03, README "What we found"):
+#   3. SePP training that continues from the phase-1 encoder for E/2 epochs in the configuration where the CPU
+#      science runs found label-built pairs (k = 400, DIAGNOSTIC) to pay off (benchmarks/RESULTS.md 2026-12-03);
+#      with mined k = 5 pairs no CPU gain has been shown yet (README "What we found"):
 #      run.init=baseline, sepp.mode=substitute, p=0.5, masked negatives, sepp.batch_positives=true (known
 #      partners' keys in the queue count as positives), k=5 mined neighbours;
 #   4. the step-matched baseline: continues from the same phase-1 encoder for the same E/2 epochs (substitute

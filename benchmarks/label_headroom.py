@@ -8,7 +8,7 @@ optimizer steps, with cross-entropy on the labels, and evaluates its backbone ex
 headroom that any pair source could at most close at that budget.
 
     python benchmarks/label_headroom.py --config demo --steps 248,744 --seeds 0,1,2 --out logs/headroom \
-        [key=value ...]
+        [--init ENCODER.pt] [key=value ...]
 
 Writes ``label_headroom.json`` and ``label_headroom.md`` under ``--out``; prints one line per run.
 Optimizer: SGD, momentum 0.9, lr 0.1 per 256 images (linear scaling), weight decay 5e-4, the config's
@@ -35,12 +35,19 @@ from sepp.eval.data import eval_splits, features
 from sepp.eval.knn import knn_eval
 from sepp.eval.linear import linear_probe
 from sepp.eval.stats import format_mean_std, summarize
+from sepp.methods.checkpoint import load_checkpoint
 from sepp.models.backbones import build_backbone
 
 
-def train_supervised(cfg, steps: int, seed: int, device: torch.device) -> torch.nn.Sequential:
+def init_backbone(backbone: torch.nn.Module, path: str) -> None:
+    """Start from the backbone of a sepp checkpoint (the continuation setting: the same start as SePP)."""
+    state = load_checkpoint(path)["model"]
+    backbone.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
+
+
+def train_supervised(cfg, steps: int, seed: int, device: torch.device, init: str | None = None) -> torch.nn.Sequential:
     """``Sequential(backbone, linear head)`` trained with cross-entropy on both augmented views of the
-    training images for ``steps`` optimizer steps."""
+    training images for ``steps`` optimizer steps (the backbone from ``init``'s when given)."""
     torch.manual_seed(seed)
     train = build_dataset(cfg.data, split=cfg.data.split)
     labels = torch.as_tensor(train.labels, dtype=torch.int64, device=device)
@@ -48,6 +55,8 @@ def train_supervised(cfg, steps: int, seed: int, device: torch.device) -> torch.
     loader = DeviceLoader(train.uint8_images(), BatchAugment(spec1), BatchAugment(spec2),
                           batch_size=int(cfg.train.batch_size), seed=seed, device=device)
     backbone, dim = build_backbone(cfg.model.backbone, cfg.model.cifar_stem)
+    if init:
+        init_backbone(backbone, init)
     head = torch.nn.Linear(dim, len(train.classes))
     model = torch.nn.Sequential(backbone, head).to(device)
     base_lr = 0.1 * cfg.train.batch_size / 256
@@ -86,6 +95,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", default="248", help="comma-separated optimizer-step budgets")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default="runs/label_headroom")
+    ap.add_argument("--init", default=None, help="sepp checkpoint whose backbone the supervised model starts from")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     cfg = resolve(load_config(args.config, args.overrides))
@@ -99,14 +109,14 @@ def main(argv=None) -> dict:
             t0 = time.time()
             run_cfg = cfg.copy()
             run_cfg.seed = seed  # the linear probe's seed, as in `sepp run`
-            res = evaluate(train_supervised(cfg, steps, seed, device)[0], run_cfg, device)
+            res = evaluate(train_supervised(cfg, steps, seed, device, args.init)[0], run_cfg, device)
             runs.append({"seed": seed, **res, "seconds": time.time() - t0})
             print(f"DIAGNOSTIC supervised (labels) steps={steps} seed={seed} kNN {res['knn_top1']:.2f} "
                   f"linear {res['linear_top1']:.2f} ({runs[-1]['seconds']:.0f} s)", flush=True)
         rows[steps] = {"runs": runs, "knn": summarize([r["knn_top1"] for r in runs]),
                        "linear": summarize([r["linear_top1"] for r in runs])}
     result = {"diagnostic": "supervised cross-entropy on the labels: an upper reference, not SSL",
-              "config": args.config, "overrides": args.overrides, "steps": rows}
+              "config": args.config, "overrides": args.overrides, "init": args.init, "steps": rows}
     (out / "label_headroom.json").write_text(json.dumps(result, indent=2))
     lines = ["DIAGNOSTIC: supervised cross-entropy on all labels (the headroom reference), "
              f"config {args.config} {' '.join(args.overrides)}", "",

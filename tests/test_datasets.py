@@ -242,6 +242,26 @@ def test_imagefolder_uses_split_subfolder_or_root_itself(tmp_path):
     assert sub.labels.tolist() == [0, 0, 1, 1] and sub.paths == [flat.paths[k] for k in sub.source_indices]
 
 
+def test_flat_image_folder_has_no_labels(tmp_path):
+    from sepp.data.datasets import has_labels
+
+    _write_folder(tmp_path / "pics" / "train", classes=("x",), per_class=(5,))
+    for p in (tmp_path / "pics" / "train" / "x").iterdir():
+        p.rename(tmp_path / "pics" / p.name)  # images directly in the folder: no classes
+    (tmp_path / "pics" / "notes.txt").write_text("not an image")
+    (tmp_path / "pics" / "train" / "x").rmdir()
+    (tmp_path / "pics" / "train").rmdir()
+    ds = build_dataset({"name": "imagefolder", "root": str(tmp_path / "pics"), "split": "train"})
+    assert len(ds) == 5 and ds.labels is None and ds.classes is None and ds[2][1] == -1
+    assert [Path(p).name for p in ds.paths] == [f"x_{k}.jpg" for k in range(5)]
+    sub = build_dataset({"name": "imagefolder", "root": str(tmp_path / "pics"), "subset": 3})
+    assert sub.labels is None and sub.paths == [ds.paths[k] for k in sub.source_indices]
+    assert not has_labels({"name": "imagefolder", "root": str(tmp_path / "pics")}, "test")
+    _write_folder(tmp_path / "classes")
+    assert has_labels({"name": "imagefolder", "root": str(tmp_path / "classes")}, "train")
+    assert not has_labels({"name": "stl10"}, "unlabeled") and has_labels({"name": "cifar10"}, "test")
+
+
 def test_folder_fingerprint_follows_paths_and_sizes(tmp_path):
     _write_folder(tmp_path / "a")
     _write_folder(tmp_path / "b")  # same files elsewhere: same fingerprint (paths are relative)

@@ -39,19 +39,37 @@ def test_select_pairs_threshold_edges_and_order():
 
 @settings(max_examples=80, deadline=None)
 @given(n=st.integers(2, 15), kcols=st.integers(1, 6), k=st.integers(1, 7), seed=st.integers(0, 10**6),
-       threshold=st.sampled_from([-1.0, 0.0, 0.25, 0.5]), mutual=st.booleans())
-def test_select_pairs_matches_brute_force(n, kcols, k, seed, threshold, mutual):
+       threshold=st.sampled_from([-1.0, 0.0, 0.25, 0.5]), mutual=st.booleans(),
+       per_image=st.sampled_from([0.0, 0.1, 0.5, 1.0, 2.5, 10.0]))
+def test_select_pairs_matches_brute_force(n, kcols, k, seed, threshold, mutual, per_image):
     rng = np.random.default_rng(seed)
     kcols = min(kcols, n - 1)
     idx = np.stack([rng.choice(np.delete(np.arange(n), r), kcols, replace=False) for r in range(n)])
     sim = np.sort(rng.choice([0.0, 0.25, 0.5, 0.75], size=(n, kcols)), axis=1)[:, ::-1].astype(np.float32)
-    kept = [(r, int(idx[r, c]), float(sim[r, c])) for r in range(n) for c in range(min(k, kcols))
-            if sim[r, c] >= threshold]
+    candidates = [(r, int(idx[r, c]), float(sim[r, c])) for r in range(n) for c in range(min(k, kcols))]
+    count = round(per_image * n)  # keep the `count` most similar candidates and every tie of the last one
+    floor = sorted((s for _, _, s in candidates), reverse=True)[count - 1] if 0 < count <= len(candidates) else None
+    if per_image and count == 0:
+        floor = np.inf
+    kept = [(a, b, s) for a, b, s in candidates if s >= threshold and (floor is None or s >= floor)]
     if mutual:
         fwd = {(a, b) for a, b, _ in kept}
         kept = [(a, b, s) for a, b, s in kept if (b, a) in fwd]
-    i, j, s = select_pairs(idx, sim, k, threshold, mutual)
+    i, j, s = select_pairs(idx, sim, k, threshold, mutual, per_image=per_image)
     assert list(zip(i.tolist(), j.tolist(), s.tolist())) == kept
+
+
+def test_select_pairs_per_image_by_hand():
+    # 3 images, 2 neighbours each; per_image=1 keeps the 3 most similar of the 6 pairs, wherever they are
+    idx = np.array([[1, 2], [0, 2], [0, 1]])
+    sim = np.array([[0.9, 0.8], [0.9, 0.5], [0.8, 0.4]], np.float32)
+    i, j, s = select_pairs(idx, sim, k=2, threshold=0.0, per_image=1.0)
+    # the 3rd largest similarity is 0.8, and both 0.8 pairs are kept (ties)
+    assert list(zip(i.tolist(), j.tolist())) == [(0, 1), (0, 2), (1, 0), (2, 0)]
+    i, _, _ = select_pairs(idx, sim, k=2, threshold=0.0, per_image=0.5)  # round(1.5) = 2: the two 0.9 pairs
+    assert i.tolist() == [0, 1]
+    i, _, _ = select_pairs(idx, sim, k=2, threshold=0.85, per_image=2.0)  # the threshold still applies
+    assert i.tolist() == [0, 1]
 
 
 # ------------------------------------------------------------------------------------------- pair files

@@ -3,7 +3,7 @@
     sepp pretrain --config FILE [key=value ...]
     sepp eval {knn,linear,finetune,transfer,embed-plot} --checkpoint FILE [key=value ...]
     sepp export --checkpoint FILE --out FILE [--format torchvision|detectron2]
-    sepp mine (--checkpoint FILE | --encoder FILE [--arch A] [--cifar-stem]) [key=value ...]
+    sepp mine (--checkpoint FILE | --encoder FILE [--arch A] [--cifar-stem] [--key-prefix P]) [key=value ...]
     sepp run --config FILE [key=value ...]
     sepp demo [--out DIR] [key=value ...]
     sepp augment-grid --config FILE [--out PNG] [key=value ...]
@@ -94,7 +94,8 @@ def _mine_encoder(args):
 
     cfg = resolve(encoder_config(args.encoder, args.config, args.overrides))
     out = Path(cfg.mine.out) if cfg.mine.out else Path(args.encoder).parent / "mining"
-    return mine_with_encoder(args.encoder, cfg, out, arch=args.arch, cifar_stem=args.cifar_stem)[1], out
+    return mine_with_encoder(args.encoder, cfg, out, arch=args.arch, cifar_stem=args.cifar_stem,
+                             key_prefix=args.key_prefix)[1], out
 
 
 def _mine(args):
@@ -154,6 +155,17 @@ def _augment_grid(args):
     print(f"wrote {args.out}")
 
 
+def _encoder_options(sp) -> None:
+    """`sepp mine --encoder FILE` and how to read it."""
+    sp.add_argument("--encoder", help="any encoder file: sepp checkpoint, `sepp export` output, ResNet SSL checkpoint")
+    sp.add_argument("--arch", help="--encoder's architecture (default: its JSON sidecar, else read off the keys)")
+    sp.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
+                    help="--encoder has the 3x3 CIFAR stem (default: sidecar, else the conv1 kernel)")
+    sp.add_argument("--config", help="--encoder without a sepp config: YAML or shipped name for data/mine keys")
+    sp.add_argument("--key-prefix", help="--encoder: where the backbone's keys begin, e.g. "
+                    "state_dict.module.encoder_q. (default: model.key_prefix, else recognised from the known layouts)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sepp", description="Self-supervised learning with semantic positive pairs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -183,11 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = with_overrides(sub.add_parser("mine", help="mine semantic positive pairs with a checkpoint's encoder"))
     sp.add_argument("--checkpoint", help="a sepp run's checkpoint")
-    sp.add_argument("--encoder", help="any encoder file: sepp checkpoint, `sepp export` output, ResNet state_dict")
-    sp.add_argument("--arch", help="--encoder's architecture (default: its JSON sidecar, else read off the keys)")
-    sp.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
-                    help="--encoder has the 3x3 CIFAR stem (default: sidecar, else the conv1 kernel)")
-    sp.add_argument("--config", help="--encoder without a sepp config: YAML or shipped name for data/mine keys")
+    _encoder_options(sp)
     sp.set_defaults(func=_mine)
 
     sp = with_overrides(sub.add_parser("run", help="baseline, mining, SePP training, matched baseline, evaluation"))

@@ -47,6 +47,9 @@ class ModelConfig:
     # SyncBatchNorm under DDP. None: on for simclr/simsiam/byol on CUDA (their papers use global / synchronised
     # BN; SyncBatchNorm needs a GPU), off for mocov2 (shuffle-BN, mocov2.bn) and on CPU
     sync_bn: Optional[bool] = None
+    # where the backbone's keys begin in an encoder file (train.init_backbone, run.baseline_checkpoint, sepp mine
+    # --encoder), e.g. state_dict.module.encoder_q.; None: recognised (sepp.models.layouts)
+    key_prefix: Optional[str] = None
 
 
 # Method sections: None = the constructor's default (sepp.methods.<name>, the paper's ImageNet value), filled in
@@ -138,6 +141,10 @@ class TrainConfig:
     log_every: int = 50  # steps between reads of the loss from the device
     max_steps: int = 0  # > 0: train exactly this many optimizer steps (the schedule spans them)
     stop_at_epoch: int = 0  # > 0: pause (resumably) after this epoch, e.g. to fit a job's time limit
+    # start from an encoder file (any file `sepp mine --encoder` reads: a sepp checkpoint or export, a torchvision
+    # state_dict, a MoCo / SimSiam / DINO / solo-learn / lightly / BYOL checkpoint, see model.key_prefix): the
+    # backbone starts from it, the heads fresh unless it is a sepp checkpoint of the same method
+    init_backbone: Optional[str] = None
 
 
 @dataclass
@@ -178,6 +185,9 @@ class MineConfig:
     batch_size: int = 512
     save_embeddings: bool = False
     rank_from: int = 1  # keep neighbours at ranks rank_from..k only (1 = from the nearest; >1 skips the easiest)
+    # > 0: keep only the dataset's most similar top-k pairs, about this many per image (a label-free threshold
+    # at that quantile; the most precise rule measured, benchmarks/RESULTS.md 2026-12-07); 0: off
+    pairs_per_image: float = 0.0
     # DIAGNOSTIC pair sources built from the labels (never a default; every output made from them says so):
     # nearest = each image's first k same-class neighbours among its oracle_candidates nearest by the encoder
     # ("perfect mining"); random = k partners per image, each same-class with probability oracle_precision
@@ -202,7 +212,9 @@ class SeppConfig:
 
 @dataclass
 class RunConfig:
-    baseline_checkpoint: Optional[str] = None  # skip phase 1 and mine from this checkpoint
+    # skip phase 1 and mine with this encoder file (what train.init_backbone reads); run.init=baseline starts
+    # the SePP arm and the step-matched baseline from it
+    baseline_checkpoint: Optional[str] = None
     baseline_epochs: int = 0  # phase-1 pretraining epochs (0: train.epochs)
     sepp_epochs: int = 0  # SePP training epochs (0: train.epochs)
     init: str = "scratch"  # scratch | baseline: the SePP model starts from random weights or phase 1
@@ -291,7 +303,7 @@ POSITIVE = ("train.epochs", "train.batch_size", "eval.knn_k", "eval.batch_size",
             "mine.batch_size", "eval.linear_batch_size", "eval.linear_epochs")
 NON_NEGATIVE = ("data.subset", "data.eval_subset", "train.lr", "train.weight_decay", "train.warmup_epochs",
                 "train.lars_eta",
-                "train.max_steps", "train.stop_at_epoch", "sepp.remine_every", "run.baseline_epochs", "run.sepp_epochs")
+                "train.max_steps", "train.stop_at_epoch", "mine.pairs_per_image", "sepp.remine_every", "run.baseline_epochs", "run.sepp_epochs")
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:

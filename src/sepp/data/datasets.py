@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100, STL10, ImageFolder
-from torchvision.datasets.folder import pil_loader
+from torchvision.datasets.folder import IMG_EXTENSIONS, pil_loader
 
 from sepp.errors import SeppError, warn_once
 
@@ -205,17 +205,45 @@ def build_dataset(data_cfg, split: str | None = None, transform: Callable | None
         return ArrayDataset(name, split, images, labels, classes, transform, idx)
 
     folder = _image_folder(name, root, split)
+    paths, labels, classes = _scan_folder(name, folder, root, split)
+    idx = subset_indices(len(paths), subset, labels)
+    if idx is not None:
+        paths, labels = [paths[k] for k in idx], (labels[idx] if labels is not None else None)
+    return FolderDataset(name, split, folder, paths, labels, classes, transform, idx)
+
+
+def has_labels(data_cfg, split: str | None = None) -> bool:
+    """Whether a split of ``data_cfg`` carries labels, answered without reading images: STL-10's unlabeled
+    split has none, nor has an image folder without class sub-folders (a flat folder of images)."""
+    name = str(_get(data_cfg, "name", "") or "").lower()
+    split = str(split or _get(data_cfg, "split", None) or "train")
+    if name == "stl10":
+        return split != "unlabeled"
+    if name == "imagefolder":
+        return not _is_flat(_image_folder(name, _data_root(data_cfg), split))
+    return True
+
+
+def _is_flat(folder: Path) -> bool:
+    """An image folder without sub-folders: its images carry no labels."""
+    return not any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
+
+
+def _scan_folder(name: str, folder: Path, root: Path, split: str):
+    """``(paths, labels, classes)`` of a class-folder tree (torchvision's ImageFolder), or of a flat folder of
+    images (``data.name=imagefolder`` only; labels and classes None)."""
+    if name == "imagefolder" and _is_flat(folder):
+        paths = sorted(str(p) for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+        if not paths:
+            raise SeppError(f"image folder {folder} holds no images ({', '.join(IMG_EXTENSIONS)}); "
+                            f"expected {_layout(name, root, split)}")
+        return paths, None, None
     try:
         scanned = ImageFolder(str(folder))
     except (FileNotFoundError, OSError) as e:
         raise SeppError(f"{_TITLES[name]} at {folder} is not usable ({_one_line(e)}); "
                         f"expected {_layout(name, root, split)}") from None
-    paths = [p for p, _ in scanned.samples]
-    labels = np.asarray(scanned.targets, dtype=np.int64)
-    idx = subset_indices(len(paths), subset, labels)
-    if idx is not None:
-        paths, labels = [paths[k] for k in idx], labels[idx]
-    return FolderDataset(name, split, folder, paths, labels, list(scanned.classes), transform, idx)
+    return [p for p, _ in scanned.samples], np.asarray(scanned.targets, dtype=np.int64), list(scanned.classes)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -359,5 +387,5 @@ def _layout(name: str, root: Path, split: str) -> str:
     if name == "imagenette":
         return (f"{root}/imagenette2/{split}/<class>/<images> (the extracted imagenette2 archive from "
                 f"github.com/fastai/imagenette); set data.root or SEPP_DATA to the folder holding imagenette2/")
-    return (f"{root}/{split}/<class>/<images> or {root}/<class>/<images>; "
-            f"set data.root to the folder holding the class sub-folders")
+    return (f"{root}/{split}/<class>/<images> or {root}/<class>/<images>, or images without labels directly in "
+            f"{root}/{split}/ or {root}/; set data.root to that folder")

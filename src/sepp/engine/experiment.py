@@ -5,7 +5,8 @@ determine it (:mod:`sepp.engine.phases`): a finished phase with the same fingerp
 one resumes from its ``last.pt``, one whose settings or inputs changed runs again (its old outputs moved to
 ``out/stale/``), and so does everything downstream of it:
 
-1. ``pretrain/`` — the baseline SSL pretraining that mines the pairs (or ``run.baseline_checkpoint``);
+1. ``pretrain/`` — the baseline SSL pretraining that mines the pairs (or ``run.baseline_checkpoint``: any encoder
+   file, see :mod:`sepp.models.layouts`);
 2. ``mining/``   — semantic positive pairs over the whole training set from that encoder;
 3. ``sepp/``     — the same method trained with the pairs as extra positives (from scratch, or from phase 1
    with ``run.init=baseline``);
@@ -38,9 +39,10 @@ from sepp.eval.pairs import pair_cosine
 from sepp.eval.run import knn_from_method, linear_from_method
 from sepp.eval.stats import SCORES, paired_difference
 from sepp.eval.transfer import transfer_checkpoint
+from sepp.eval.data import LABEL_EVALS, has_eval_labels, without_labels
 from sepp.methods import METHODS
-from sepp.methods.checkpoint import file_hash, load_checkpoint, load_trained
-from sepp.mining.from_model import mine_checkpoint
+from sepp.methods.checkpoint import file_hash, load_trained
+from sepp.mining.encoder import encoder_init, mine_file
 from sepp.mining.oracle import diagnostic_line
 from sepp.report.curves import plot_curves
 from sepp.report.markdown import write_report
@@ -111,18 +113,20 @@ def _train(c: DictConfig, title: str, progress: bool, out: Path, init: str | Non
     if done is not None:
         return done
     t0 = time.time()
-    summary = pretrain(c, progress=progress, init_state=_init_state(init) if init else None)
+    summary = pretrain(c, progress=progress, init_state=_init_state(init, c) if init else None)
     summary["seconds"] = time.time() - t0  # of this invocation: a resumed phase counts what it ran now
     return mark_done(path, summary)
 
 
-def _init_state(path: str):
-    return load_checkpoint(path)["model"]
+def _init_state(path: str, cfg: DictConfig):
+    """The arms' initial weights from phase 1's file: any encoder file (heads fresh unless it is a sepp
+    checkpoint of the same method; see :func:`sepp.mining.encoder.encoder_init`)."""
+    return encoder_init(path, cfg)[0]
 
 
 def run_experiment(cfg: DictConfig, progress: bool = True) -> dict:
     """The five phases of the module docstring; returns the results (also in ``results.json``)."""
-    cfg = resolve(cfg)
+    cfg = without_labels(resolve(cfg), evals=True)
     out = Path(cfg.out)
     if dist_utils.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -144,12 +148,14 @@ def run_experiment(cfg: DictConfig, progress: bool = True) -> dict:
     if dist_utils.is_main():
         _write_outputs(cfg, out, results, runs, stats)
     dist_utils.barrier()
-    return results.to_dict()
+    return _as_json(cfg, results)
 
 
 def _baseline_phase(cfg: DictConfig, out: Path, progress: bool, seconds: dict) -> tuple:
     """1. baseline pretraining (mines the pairs), with cfg.seed; ``(summary or None, its checkpoint)``."""
-    if cfg.run.baseline_checkpoint:
+    if cfg.run.baseline_checkpoint:  # any encoder file; its backbone must fit cfg.model when arms start from it
+        if cfg.run.init == "baseline":
+            _init_state(str(cfg.run.baseline_checkpoint), cfg)
         return None, str(cfg.run.baseline_checkpoint)
     c = _phase_cfg(cfg, out / "pretrain", cfg.run.baseline_epochs or cfg.train.epochs)
     phase1 = _train(c, "phase 1/5 (baseline pretraining)", progress, out)
@@ -167,7 +173,7 @@ def _mining_phase(cfg: DictConfig, out: Path, encoder: str, seconds: dict) -> tu
     done = enter(Phase(path, title, fp), out, cfg.run.reuse)
     if done is None:
         t0 = time.time()
-        pairs, stats = mine_checkpoint(encoder, cfg, path)
+        pairs, stats = mine_file(encoder, cfg, path)
         done = mark_done(path, {"stats": stats, "seconds": time.time() - t0})
     else:
         pairs = load_pairs(path / "pairs.npz")
@@ -327,19 +333,33 @@ def _results(cfg: DictConfig, out: Path, seeds: list, runs: dict, pairs: Pairs, 
 
 
 def _mining_summary(pairs: Pairs, stats: dict) -> dict:
-    """``results.json``'s ``mining``: the pair file's settings (its meta) and statistics (its mining.json)."""
+    """``results.json``'s ``mining``: the pair file's settings (its meta) and statistics (its mining.json;
+    without labels no precision at all)."""
     m = pairs.meta
-    oracle = m.get("oracle", "none")
-    return {**{k: stats.get(k) for k in ("num_pairs", "coverage", "precision", "num_images")},
+    oracle, encoder = m.get("oracle", "none"), m.get("encoder_checkpoint")
+    return {**{k: stats[k] for k in ("num_pairs", "coverage", "precision", "num_images") if k in stats},
             **{k: m.get(k) for k in ("k", "threshold", "mutual", "rank_from", "features")}, "oracle": oracle,
             "oracle_precision": m.get("oracle_precision") if oracle == "random" else None,
-            "encoder": m.get("encoder_checkpoint"), "pair_sim": stats.get("sim")}
+            "encoder": encoder, "encoder_sha256": file_hash(encoder, 64) if encoder and Path(encoder).is_file()
+            else None, "pair_sim": stats.get("sim")}
+
+
+def _drop_label_numbers(results: dict) -> None:
+    """Remove every label-dependent score (kNN, linear, fine-tuning) from each arm of ``results``."""
+    label_scores = [name for name in SCORES if name in LABEL_EVALS]
+    for name in ("sepp", "baseline", "control"):
+        arm = results.get(name)
+        for score in label_scores if arm else ():
+            arm.pop(score)
+            arm.pop(SCORES[score][0])
+            for run in arm["runs"]:
+                run.pop(SCORES[score][0])
 
 
 def _write_outputs(cfg: DictConfig, out: Path, results: ExperimentResults, runs: dict, stats: dict) -> None:
     """results.json, the mining pictures, curves.png, embed.png and report.md (main process); a picture of an
     earlier run that this one does not make is removed."""
-    for name in ("pairs_gallery.png", "similarity_hist.png"):
+    for name in ("pairs_gallery.png", "similarity_hist.png", "pairs.html"):
         if (out / "mining" / name).exists():
             shutil.copyfile(out / "mining" / name, out / name)
         else:
@@ -349,9 +369,17 @@ def _write_outputs(cfg: DictConfig, out: Path, results: ExperimentResults, runs:
     results.embed_plot = _embed_pictures(cfg, runs, out)
     if results.embed_plot is None:
         (out / "embed.png").unlink(missing_ok=True)
-    data = results.to_dict()
+    data = _as_json(cfg, results)
     (out / "results.json").write_text(json.dumps(data, indent=2))
     write_report(out, data, stats)
+
+
+def _as_json(cfg: DictConfig, results: ExperimentResults) -> dict:
+    """The results.json layout; without evaluation labels no label-dependent number at all, not even null."""
+    data = results.to_dict()
+    if not has_eval_labels(cfg):
+        _drop_label_numbers(data)
+    return data
 
 
 def _embed_pictures(cfg: DictConfig, runs: dict, out: Path) -> str | None:

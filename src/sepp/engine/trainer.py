@@ -28,8 +28,10 @@ from sepp.data.pairs import Pairs
 from sepp.errors import SeppError
 from sepp.eval.knn import knn_eval
 from sepp.fileio import require_shared_dir
-from sepp.methods.checkpoint import load_checkpoint, save_checkpoint
+from sepp.eval.data import without_labels
+from sepp.methods.checkpoint import initial_state, load_checkpoint, save_checkpoint
 from sepp.methods.optim import build_optimizer, lr_at, set_lr
+from sepp.mining.encoder import encoder_init
 from sepp.mining.from_model import remine
 
 from .metrics import MetricsLog
@@ -89,7 +91,7 @@ class Epoch:
 
 def pretrain(cfg: DictConfig, progress: bool = True, init_state: Optional[dict] = None) -> dict:
     """Train ``cfg.method`` as configured; returns a summary (epochs, steps, final kNN, seconds, out)."""
-    run = setup(resolve(cfg))
+    run = setup(without_labels(resolve(cfg)))
     restore(run, init_state)
     start(run)
     status, t_start, completed = "finished", time.time(), run.start_epoch
@@ -141,10 +143,15 @@ def setup(cfg: DictConfig) -> Run:
 
 def restore(run: Run, init_state: Optional[dict]) -> None:
     """Continue from ``last.pt`` (weights, optimizer, position, the pairs in use), or start from
-    ``init_state`` weights when given."""
+    ``init_state`` weights (a whole model, or ``backbone.*`` keys) or ``train.init_backbone``'s when given."""
     if not run.last.exists():
+        if init_state is None and run.cfg.train.init_backbone:
+            init_state, info = encoder_init(run.cfg.train.init_backbone, run.cfg)
+            if run.main:
+                print(f"initial weights ({info['loaded']}, {info['layout']}) from {info['file']} "
+                      f"(sha256 {info['sha256']})", flush=True)
         if init_state is not None:
-            run.method.load_state_dict(init_state)
+            run.method.load_state_dict(initial_state(run.method, init_state))
         return
     ckpt = load_checkpoint(run.last)
     run.method.load_state_dict(ckpt["model"])

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from ..config import build_config, parse_overrides, to_yaml
 from ..data.pairs import Pairs
-from ..errors import SeppError
+from ..errors import SeppError, warn_once
 from ..fileio import atomic_write
 from . import build_method, resolve
 
@@ -178,3 +178,24 @@ def load_trained(path, overrides=()):
     method.load_state_dict(ckpt["model"])
     method.to(torch.device(cfg.device)).eval()
     return method, cfg, ckpt
+
+
+def initial_state(method, init: dict) -> dict:
+    """The state to start ``method`` from: ``init`` (a whole model's state, or ``backbone.*`` keys only) over
+    the method's own fresh state. Backbone-only weights also go to every ``*_backbone`` child (the momentum /
+    target copies start equal to the backbone, as at construction). A whole state that does not fit (other
+    head sizes) gives way to its backbone, with a notice."""
+    state = method.state_dict()
+    misfit = [k for k, v in init.items() if k not in state or tuple(state[k].shape) != tuple(v.shape)]
+    if misfit and any(not k.startswith("backbone.") for k in init):
+        warn_once(f"the initial weights' heads do not fit this {type(method).__name__} ({misfit[0]!r}); only "
+                  "the backbone is taken from them, the heads start fresh", key=("init-heads", misfit[0]))
+        return initial_state(method, {k: v for k, v in init.items() if k.startswith("backbone.")})
+    if misfit:
+        raise SeppError(f"the initial backbone does not fit the model: {misfit[0]!r}; check model.backbone "
+                        "and model.cifar_stem against the encoder file")
+    out = {**state, **init}
+    if all(k.startswith("backbone.") for k in init):
+        copies = [name for name, _ in method.named_children() if name.endswith("_backbone")]
+        out.update({f"{c}.{k[len('backbone.'):]}": v for c in copies for k, v in init.items()})
+    return out

@@ -16,6 +16,7 @@ from sepp.fileio import atomic_write
 from sepp.mining.embed import embed
 from sepp.mining.oracle import diagnostic_line, nearest_same_class, random_partners
 from sepp.data.pairs import Pairs, save_pairs
+from sepp.mining.html import pairs_page
 from sepp.mining.pairs import select_pairs
 from sepp.mining.plots import pairs_gallery, similarity_hist
 from sepp.mining.search import resolve_precision, topk
@@ -86,10 +87,10 @@ def mine_pairs(encoder: nn.Module, dataset, settings: MineSettings, *, device: s
 
     Writes to ``out_dir``: ``pairs.npz`` (``meta`` plus the settings, num_images, fingerprint, name, split,
     embedding_dim), ``mining.json`` (the statistics, with settings and timings), ``embeddings.npy`` when
-    ``settings.save_embeddings``, ``pairs_gallery.png`` and ``similarity_hist.png`` when ``settings.plots``.
-    Labels are used only for the statistics and figures, and by the DIAGNOSTIC oracles (whose files say so
-    first). Under torchrun every rank embeds and searches its share, rank 0 writes the files; all ranks
-    return the pairs and statistics."""
+    ``settings.save_embeddings``, ``pairs_gallery.png``, ``pairs.html`` (:mod:`sepp.mining.html`) and
+    ``similarity_hist.png`` when ``settings.plots``. Labels are used only for the statistics and figures, and by
+    the DIAGNOSTIC oracles (whose files say so first). Under torchrun every rank embeds and searches its share,
+    rank 0 writes the files; all ranks return the pairs and statistics."""
     rank, world = D.get_rank(), D.get_world_size()
     device, out_dir = torch.device(device), Path(out_dir)
     if rank == 0:
@@ -139,6 +140,8 @@ def _plots(dataset, i, j, s, labels, classes, out_dir: Path) -> None:
         return np.asarray(dataset.load_image(t).convert("RGB"))
 
     pairs_gallery(get_image, i, j, s, out_dir / "pairs_gallery.png", labels=labels, classes=classes)
+    pairs_page(dataset.load_image, i, j, s, out_dir / "pairs.html", len(dataset), labels=labels, classes=classes,
+               names=getattr(dataset, "paths", None))
     known, correct = pair_correct(i, j, labels)
     if known.any():
         similarity_hist(s[known], out_dir / "similarity_hist.png", correct=correct[known])

@@ -67,3 +67,26 @@ def mining_stats(i, j, sim, num_images: int, labels=None, classes: Sequence[str]
     out["top_confused"] = [{"classes": [names[r[t]], names[c[t]]], "count": int(sym[r[t], c[t]])}
                            for t in order]
     return out
+
+
+def shared_neighbours(idx: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 20000) -> np.ndarray:
+    """For every pair (i, j): how many entries of row i of ``idx`` (``[N, K]`` neighbour lists; -1 = none)
+    also occur in row j. Labels play no part."""
+    idx = np.asarray(idx)
+    i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+    out = np.empty(len(i), dtype=np.int64)
+    for s in range(0, len(i), chunk):
+        a, b = idx[i[s:s + chunk]], idx[j[s:s + chunk]]
+        hit = (a[:, :, None] == b[:, None, :]).any(axis=2) & (a >= 0)
+        out[s:s + chunk] = hit.sum(axis=1)
+    return out
+
+
+def neighbourhood_consistency(idx: np.ndarray, i, j) -> float | None:
+    """A label-free quality signal of pairs: the mean fraction of shared neighbours of a pair's two images,
+    ``|N(i) & N(j)| / K`` over the K-nearest-neighbour lists ``idx`` of the mining search. Pairs of one
+    semantic region share much of their neighbourhood; a pair that only touches at one point does not.
+    ``None`` without pairs."""
+    if len(i) == 0:
+        return None
+    return float(shared_neighbours(idx, i, j).mean() / np.asarray(idx).shape[1])

@@ -32,8 +32,8 @@ def _header(results: dict, scored: list[str]) -> list[str]:
         "",
         "## Results",
         "",
-        "| model | epochs | optimizer steps | views / sample | images forwarded | "
-        + " | ".join(SCORE_LABELS[m] for m in scored) + " |",
+        "| model | epochs | optimizer steps | views / sample | images forwarded |"
+        + "".join(f" {SCORE_LABELS[m]} |" for m in scored),
         "|---|---|---|---|---|" + "---|" * len(scored),
     ]
     return lines
@@ -47,10 +47,9 @@ def _results(results: dict, scored: list[str]) -> list[str]:
         if arm.name in results:
             r = results[arm.name]
             lines.append(f"| {results['method']} {arm.report} | {r['epochs']} | {r['steps']} | {r.get('views', 2)} | "
-                         f"{r.get('images_forwarded', '—')} | " + " | ".join(format_mean_std(r[m]) for m in scored)
-                         + " |")
+                         f"{r.get('images_forwarded', '—')} |" + "".join(f" {format_mean_std(r[m])} |" for m in scored))
     lines.append("")
-    for key, d in results.get("difference", {}).items():
+    for key, d in [(k, d) for k, d in results.get("difference", {}).items() if d]:
         other = key.split("-", 1)[1]
         n = next(iter(d.values()))["n"] if d else 0
         lines.append(f"**SePP − {other}** (paired by seed, {n} seed(s)): " + ", ".join(
@@ -77,8 +76,13 @@ def _results(results: dict, scored: list[str]) -> list[str]:
     if results["dataset"] == "cifar10":
         lines += ["CIFAR-10 here may be the JPEG-degraded copy of the development machines: compare the two "
                   "rows with each other, not with published tables.", ""]
-    lines += ["![kNN accuracy and loss against optimizer steps](curves.png)", ""]
+    curves = "kNN accuracy and loss" if "knn" in scored else "training loss"
+    lines += [f"![{curves} against optimizer steps](curves.png)", ""]
     return lines
+
+
+def _sha(m: dict) -> str:
+    return f" (SHA-256 `{m['encoder_sha256']}`)" if m.get("encoder_sha256") else ""
 
 
 def _pairs(m: dict, stats: dict) -> list[str]:
@@ -86,13 +90,14 @@ def _pairs(m: dict, stats: dict) -> list[str]:
     source = (f"DIAGNOSTIC pairs from the labels (`mine.oracle={m['oracle']}`"
               + (f", precision {m['oracle_precision']}" if m.get("oracle_precision") is not None else "")
               + f"), k = {m['k']}; similarities from encoder `{m['encoder']}`." if m.get("oracle", "none") != "none"
-              else f"Encoder `{m['encoder']}`, features `{m['features']}`, top-k = {m['k']} (ranks "
+              else f"Encoder `{m['encoder']}`{_sha(m)}, features `{m['features']}`, top-k = {m['k']} (ranks "
                    f"{m.get('rank_from', 1)}..{m['k']}), threshold = {m['threshold']}, mutual = {m['mutual']}.")
+    labelled = m.get("precision") is not None  # no label column at all without labels
     lines = ["## Pairs", "", source, "",
-             "| pairs | images | coverage | label precision |", "|---|---|---|---|",
-             f"| {m['num_pairs']} | {m['num_images']} | {_pct(m['coverage'], 100)} % | "
-             f"{'n/a (no labels; never used for mining)' if m['precision'] is None else _pct(m['precision'], 100) + ' %'} |",
-             ""]
+             "| pairs | images | coverage |" + (" label precision (never used for mining) |" if labelled else ""),
+             "|---|---|---|" + ("---|" if labelled else ""),
+             f"| {m['num_pairs']} | {m['num_images']} | {_pct(m['coverage'], 100)} % |"
+             + (f" {_pct(m['precision'], 100)} % |" if labelled else ""), ""]
     q = stats.get("sim")
     if q and None not in q.values():
         lines += ["Cosine similarity of kept pairs: " + ", ".join(f"{k} {v:.3f}" for k, v in q.items()), ""]
@@ -106,6 +111,7 @@ def _pairs(m: dict, stats: dict) -> list[str]:
         lines += ["Most frequent wrong-class pairs: " + ", ".join(
             f"{' / '.join(c['classes'])} ({c['count']})" for c in confused[:10]) + ".", ""]
     lines += ["![anchors and their mined partners](pairs_gallery.png)", "",
+              "Browse the pairs, least similar first: [pairs.html](pairs.html).", "",
               "![similarity of mined pairs](similarity_hist.png)", ""]
     return lines
 

@@ -107,11 +107,11 @@ def comparison_table(results: dict) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     if results.get("diagnostic"):
         lines.insert(0, results["diagnostic"])
-    for key, d in results.get("difference", {}).items():
-        n = next(iter(d.values()))["n"] if d else 0
+    for key, d in [(k, d) for k, d in results.get("difference", {}).items() if d]:
+        n = next(iter(d.values()))["n"]
         lines.append(f"{key.replace('sepp-', 'SePP - ')}: " + ", ".join(
             f"{SCORES[m][1].split(' ')[0]} {format_difference(v)}" for m, v in d.items()) + f" ({n} seed(s), paired)")
     m = results["mining"]
-    prec = "n/a (no labels)" if m.get("precision") is None else f"{100 * m['precision']:.1f} %"
-    lines.append(f"pairs: {m['num_pairs']} (coverage {100 * m['coverage']:.1f} %, label precision {prec})")
+    prec = "" if m.get("precision") is None else f", label precision {100 * m['precision']:.1f} %"
+    lines.append(f"pairs: {m['num_pairs']} (coverage {100 * m['coverage']:.1f} %{prec})")
     return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""Label-free pair selection rules as precision-coverage curves (issue 15).
+
+For every encoder file given, embed the un-augmented training images (and their horizontal flips), search
+each image's ``--k`` nearest neighbours over the whole training set, and score selection rules that use no
+labels; the labels only score them:
+
+- ``nn_fraction``: each anchor's nearest neighbour, keeping the fraction f of anchors most similar to theirs;
+- ``threshold``: all top-k pairs with cosine >= t (t at quantiles that give 0.25 .. 5 pairs per image);
+- ``mutual``: mutual top-k neighbours;
+- ``shared``: top-k pairs whose anchors share at least s of their top-k lists (shared-neighbour count);
+- ``flip_*``: the rules above on embeddings averaged over the image and its horizontal flip;
+- ``agree``: pairs that two independently trained encoders both have in their top-k (one row per encoder
+  pair).
+
+Each point gives pairs per image, coverage (anchors with a partner), label precision on the held-out
+"choice" anchors (``--choice-fraction`` of the images, fixed seed: where settings are chosen) and on the
+others (where they are reported), and the label-free quality signal ``consistency`` (mean fraction of
+shared top-k neighbours of a pair's two images, :func:`sepp.mining.stats.neighbourhood_consistency`).
+
+    python benchmarks/pair_rules.py --encoder ../shared/encoders/simclr_narrow_cifar10_50k_10ep.pt \
+        --encoder logs/enc2_50k_s1/last.pt --out logs/rules
+
+Writes ``rules.json``, ``rules.md`` and ``rules.png`` into ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sepp.data.datasets import build_dataset
+from sepp.data.recipes import mean_std
+from sepp.data.transforms import uint8_normalizer
+from sepp.mining.embed import embed
+from sepp.mining.encoder import encoder_config, load_encoder
+from sepp.mining.pairs import select_pairs
+from sepp.mining.search import topk
+from sepp.mining.stats import neighbourhood_consistency, shared_neighbours
+
+
+def embeddings(path: str, root: str | None, flip: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(features, features averaged with the flipped image's, labels)`` of the training split."""
+    overrides = ["device=cpu", "data.subset=0"] + ([f"data.root={root}"] if root else [])
+    cfg = encoder_config(path, None, overrides)
+    encoder, _ = load_encoder(path)
+    ds = build_dataset(cfg.data, cfg.data.split)
+    images = ds.uint8_images()
+    norm = uint8_normalizer(*mean_std(cfg.data.name))
+    plain = embed(encoder, images, "cpu", normalize=norm)
+    if not flip:
+        return plain, plain, np.asarray(ds.labels)
+    flipped = embed(encoder, torch.flip(images, dims=[3]), "cpu", normalize=norm)
+    avg = plain + flipped
+    avg /= np.linalg.norm(avg, axis=1, keepdims=True)
+    return plain, avg.astype(np.float32), np.asarray(ds.labels)
+
+
+def rule_points(idx: np.ndarray, sim: np.ndarray, k: int, prefix: str = "") -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``(name, i, j)`` for every operating point of the single-encoder rules."""
+    n = len(idx)
+    out = []
+    order = np.argsort(-sim[:, 0], kind="stable")
+    for f in (0.05, 0.1, 0.2, 0.3, 0.5, 1.0):
+        a = np.sort(order[: int(round(f * n))])
+        out.append((f"{prefix}nn_fraction f={f:g}", a, idx[a, 0].astype(np.int64)))
+    flat = np.sort(sim[:, :k].ravel())[::-1]
+    for per_image in (0.25, 0.5, 1, 2, 5):
+        t = float(flat[min(len(flat) - 1, int(per_image * n))])
+        i, j, _ = select_pairs(idx, sim, k, t)
+        out.append((f"{prefix}threshold t={t:.4f} ({per_image:g}/img)", i, j))
+    for kk in (1, 2, 5, 10):
+        i, j, _ = select_pairs(idx, sim, kk, -1.0, mutual=True)
+        out.append((f"{prefix}mutual k={kk}", i, j))
+    for s in (6, 10, 14):
+        for kk in (1, 5):
+            i, j, _ = select_pairs(idx, sim, kk, -1.0)
+            keep = shared_neighbours(idx[:, :k], i, j) >= s
+            out.append((f"{prefix}shared s>={s} of {k} (top-{kk})", i[keep], j[keep]))
+    return out
+
+
+def score(name: str, i, j, labels, n: int, choice: np.ndarray, idx: np.ndarray, encoder: str) -> dict:
+    correct = labels[i] == labels[j]
+    in_choice = choice[i]
+    return {"encoder": encoder, "rule": name, "pairs": int(len(i)), "per_image": len(i) / n,
+            "coverage": len(np.unique(i)) / n,
+            "precision_choice": float(correct[in_choice].mean()) if in_choice.any() else None,
+            "precision_report": float(correct[~in_choice].mean()) if (~in_choice).any() else None,
+            "consistency": neighbourhood_consistency(idx, i, j)}
+
+
+def run(args) -> list[dict]:
+    rows, knn = [], {}
+    for path in args.encoder:
+        t0 = time.time()
+        name = Path(path).parent.name if Path(path).name == "last.pt" else Path(path).stem
+        plain, avg, labels = embeddings(path, args.root, args.flip)
+        n = len(plain)
+        choice = np.random.default_rng(12345).random(n) < args.choice_fraction
+        for prefix, emb in (("", plain), ("flip_", avg)) if args.flip else (("", plain),):
+            sim, idx = topk(emb, args.k, "exact", device="cpu")
+            if not prefix:
+                knn[name] = idx
+            for rule, i, j in rule_points(idx, sim, args.k, prefix):
+                rows.append(score(rule, i, j, labels, n, choice, idx, name))
+        print(f"{name}: {time.time() - t0:.0f} s", flush=True)
+    for (a, ia), (b, ib) in itertools.combinations(knn.items(), 2):
+        for kk in (1, 5, 10, 20):
+            i, j, _ = select_pairs(ia, np.zeros(ia.shape, np.float32), kk, -1.0)
+            keep = np.isin(i * n + j, _codes(ib[:, :kk], n))
+            rows.append(score(f"agree top-{kk} with {b}", i[keep], j[keep], labels, n, choice, ia, a))
+    return rows
+
+
+def _codes(idx: np.ndarray, n: int) -> np.ndarray:
+    rows = np.broadcast_to(np.arange(len(idx))[:, None], idx.shape)
+    return (rows * n + idx).ravel()
+
+
+def write(rows: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rules.json").write_text(json.dumps(rows, indent=1))
+    lines = ["| encoder | rule | pairs/img | coverage | precision (choice) | precision (report) | consistency |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pc = "—" if r["precision_choice"] is None else f"{100 * r['precision_choice']:.1f} %"
+        pr = "—" if r["precision_report"] is None else f"{100 * r['precision_report']:.1f} %"
+        lines.append(f"| {r['encoder']} | {r['rule']} | {r['per_image']:.2f} | {100 * r['coverage']:.1f} % | "
+                     f"{pc} | {pr} | {r['consistency']:.3f} |")
+    (out / "rules.md").write_text("\n".join(lines) + "\n")
+    plot(rows, out / "rules.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    encoders = list(dict.fromkeys(r["encoder"] for r in rows))
+    fig, axes = plt.subplots(1, len(encoders) + 1, figsize=(5 * (len(encoders) + 1), 4.2))
+    axes = np.atleast_1d(axes)
+    for ax, enc in zip(axes, encoders):
+        mine = [r for r in rows if r["encoder"] == enc]
+        for family in dict.fromkeys(r["rule"].split(" ")[0] for r in mine):
+            pts = sorted((r["coverage"], r["precision_report"]) for r in mine if r["rule"].split(" ")[0] == family)
+            ax.plot([100 * c for c, _ in pts], [100 * p for _, p in pts], "o-", ms=3, label=family)
+        ax.set(title=enc, xlabel="coverage (% of images with a partner)", ylabel="label precision (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    ax = axes[-1]
+    for enc in encoders:
+        mine = [r for r in rows if r["encoder"] == enc]
+        ax.scatter([r["consistency"] for r in mine], [100 * r["precision_report"] for r in mine], s=8, label=enc)
+    ax.set(title="label-free signal vs precision", xlabel="neighbourhood consistency", ylabel="label precision (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--encoder", action="append", required=True, help="encoder file (repeat for several)")
+    p.add_argument("--root", default=None, help="data.root (default: the checkpoint's config / $SEPP_DATA)")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--choice-fraction", type=float, default=0.1)
+    p.add_argument("--no-flip", dest="flip", action="store_false")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    write(run(args), Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The tools of the mined-pair study (issue 15): label-free pair rules, the k-matched DIAGNOSTIC controls,
+effective precision, the neighbourhood-consistency signal, the continuation driver and the supervised
+reference's start from an encoder."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from sepp.cli import main as cli
+from sepp.data.pairs import Pairs, load_pairs
+from sepp.errors import SeppError
+from sepp.mining.stats import neighbourhood_consistency, shared_neighbours
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shared_neighbours_and_consistency_by_hand():
+    idx = np.array([[1, 2, 3], [0, 2, 3], [5, 6, 7], [-1, -1, -1]])
+    assert shared_neighbours(idx, np.array([0, 0, 2]), np.array([1, 2, 3])).tolist() == [2, 0, 0]
+    # pairs (0, 1): 2 of 3 shared; (0, 2): none -> mean 1/3
+    assert neighbourhood_consistency(idx, np.array([0, 0]), np.array([1, 2])) == pytest.approx(1 / 3)
+    assert neighbourhood_consistency(idx, np.array([], int), np.array([], int)) is None
+
+
+def test_effective_precision_counts_symmetric_deduplicated_sets():
+    controls = _benchmark("pair_controls")
+    labels = np.array([0, 0, 1, 1])
+    # (0, 1) and (1, 0) are one correct set entry each way; (0, 2) adds the wrong (0, 2) and (2, 0)
+    assert controls.effective_precision(np.array([0, 1, 0]), np.array([1, 0, 2]), labels) == pytest.approx(0.5)
+    # a one-way correct pair becomes two correct entries, a one-way wrong pair two wrong ones: 2 of 4
+    assert controls.effective_precision(np.array([0, 2]), np.array([1, 0]), labels) == pytest.approx(0.5)
+    assert controls.effective_precision(np.array([0]), np.array([1]), labels) == 1.0
+
+
+def test_controls_keep_anchors_and_counts_and_fix_only_the_partners():
+    controls = _benchmark("pair_controls")
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(5), 40)
+    i = np.sort(rng.choice(200, 300))
+    j = rng.choice(200, 300)
+    j[j == i] = (j[j == i] + 1) % 200
+    mined = Pairs(i, j, np.ones(300, np.float32), {"k": 3, "oracle": "none"}, "mined.npz")
+    out = controls.controls(mined, labels, seed=1, encoder=None, cfg=None)
+    correct = labels[i] == labels[j]
+    assert 0 < correct.mean() < 1
+    d = out["dropped"]
+    assert d.i.tolist() == i[correct].tolist() and d.j.tolist() == j[correct].tolist()
+    r = out["replaced"]
+    assert r.i.tolist() == i.tolist() and r.j[correct].tolist() == j[correct].tolist()
+    assert (labels[r.j[~correct]] != labels[i[~correct]]).all()
+    o = out["oracle_random"]
+    assert o.i.tolist() == i.tolist() and (labels[o.j] == labels[i]).all() and (o.j != i).all()
+    p = out["oracle_at_p"]
+    assert p.i.tolist() == i.tolist() and abs((labels[p.j] == labels[i]).mean() - correct.mean()) < 0.12
+    for kind, pairs in out.items():
+        assert pairs.meta["diagnostic"].startswith("DIAGNOSTIC") and pairs.meta["control"] == kind
+
+
+def test_pair_rules_points_by_hand():
+    rules = _benchmark("pair_rules")
+    # 4 images; image 3's nearest neighbour is the most similar, image 0's the least
+    idx = np.array([[1, 2], [2, 0], [1, 3], [2, 1]])
+    sim = np.array([[0.5, 0.4], [0.7, 0.5], [0.8, 0.7], [0.9, 0.1]], np.float32)
+    points = {name: (i.tolist(), j.tolist()) for name, i, j in rules.rule_points(idx, sim, 2)}
+    assert points["nn_fraction f=0.5"] == ([2, 3], [1, 2])  # the two anchors most similar to their neighbour
+    assert points["mutual k=1"] == ([1, 2], [2, 1])
+    labels = np.array([0, 0, 1, 1])
+    row = rules.score("x", np.array([2, 3]), np.array([1, 2]), labels, 4, np.array([False, False, True, False]),
+                      idx, "enc")
+    assert row["precision_choice"] == 0.0 and row["precision_report"] == 1.0 and row["coverage"] == 0.5
+
+
+def test_label_headroom_starts_from_the_encoders_backbone(cifar_root, tmp_path):
+    headroom = _benchmark("label_headroom")
+    from sepp.methods.checkpoint import load_checkpoint
+    from sepp.models.backbones import build_backbone
+
+    ckpt = tmp_path / "enc" / "last.pt"
+    cli(["pretrain", "--config", "demo", *tiny_overrides(cifar_root, tmp_path / "enc", method="simclr", subset=64,
+                                                         batch=32), "train.max_steps=1"])
+    backbone, _ = build_backbone("resnet18_narrow", True)
+    headroom.init_backbone(backbone, str(ckpt))
+    state = load_checkpoint(ckpt)["model"]
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(value, state[f"backbone.{key}"])
+
+
+def test_continuation_trains_every_arm_from_one_encoder_and_refuses_mixed_settings(cifar_root, tmp_path, capsys):
+    cont = _benchmark("continuation")
+    tiny = tiny_overrides(cifar_root, tmp_path / "enc", method="simclr", subset=64, batch=32)
+    cli(["pretrain", "--config", "demo", *tiny, "train.max_steps=2"])
+    cli(["mine", "--checkpoint", str(tmp_path / "enc" / "last.pt"), "mine.k=2",
+         f"mine.out={tmp_path / 'mining'}"])
+    pairs = tmp_path / "mining" / "pairs.npz"
+    arm = f"mined={pairs},sepp.mode=enlarge,sepp.batch_positives=false"
+    common = [o for o in tiny if not o.startswith("out=")] + ["data.eval_subset=100", "eval.linear_epochs=1"]
+    args = ["--encoder", str(tmp_path / "enc" / "last.pt"), "--steps", "2", "--seeds", "0,1", "--arm", arm,
+            "--out", str(tmp_path / "cont"), *common]
+    assert cont.main(args) == 0
+    result = json.loads((tmp_path / "cont" / "continuation.json").read_text())
+    assert set(result["table"]) == {"baseline", "mined"}
+    assert [r["steps"] for r in result["runs"]["mined"]] == [2, 2]
+    assert result["runs"]["mined"][0]["num_pairs"] == len(load_pairs(pairs))
+    assert result["table"]["mined"]["minus_baseline"]["knn_top1"]["n"] == 2
+    assert "| mined |" in (tmp_path / "cont" / "continuation.md").read_text()
+    changed = list(args)
+    changed[changed.index("--steps") + 1] = "3"  # the same folders with another budget: refused, not mixed
+    with pytest.raises(SeppError, match="other settings"):
+        cont.main(changed)
