@@ -54,12 +54,14 @@ class ArmResult:
                    dict(setting or {}))
 
     def to_dict(self) -> dict:
-        """``knn_top1``/``linear_top1``/... are the means (what the table prints), ``knn``/``linear``/... their
+        """A new dict each call: ``knn_top1``/``linear_top1``/... are the means (what the table prints), ``knn``/``linear``/... their
         statistics, ``runs`` each seed's entry."""
-        return {**{key: self.scores[name]["mean"] for name, (key, _) in SCORES.items()}, **self.scores,
+        return {**{key: self.scores[name]["mean"] for name, (key, _) in SCORES.items()},
+                **{name: dict(stats) for name, stats in self.scores.items()},
                 "epochs": self.epochs, "steps": self.steps, "num_pairs": self.num_pairs, "views": self.views,
                 "images_forwarded": self.images_forwarded, "dir": self.dir, "pair_cosine": self.pair_cosine,
-                "random_pair_cosine": self.random_pair_cosine, "runs": self.runs, **self.setting}
+                "random_pair_cosine": self.random_pair_cosine, "runs": [dict(r) for r in self.runs],
+                **self.setting}
 
 
 @dataclass
