@@ -54,8 +54,8 @@ class ArmResult:
                    dict(setting or {}))
 
     def to_dict(self) -> dict:
-        """A new dict each call: ``knn_top1``/``linear_top1``/... are the means (what the table prints), ``knn``/``linear``/... their
-        statistics, ``runs`` each seed's entry."""
+        """A new dict each call: ``knn_top1``/``linear_top1``/... are the means (what the table prints),
+        ``knn``/``linear``/... their statistics, ``runs`` each seed's entry."""
         return {**{key: self.scores[name]["mean"] for name, (key, _) in SCORES.items()},
                 **{name: dict(stats) for name, stats in self.scores.items()},
                 "epochs": self.epochs, "steps": self.steps, "num_pairs": self.num_pairs, "views": self.views,
