@@ -72,7 +72,7 @@ def nearest_controls(mined: Pairs, labels: np.ndarray, encoder: str, cfg) -> np.
     model, _ = load_encoder(encoder)
     ds = build_dataset(cfg.data, cfg.data.split)
     emb = embed(model, ds.uint8_images(), "cpu", normalize=uint8_normalizer(*mean_std(cfg.data.name)))
-    sim, idx = topk(emb, 200, "exact", device="cpu")
+    idx, sim = topk(emb, 200, "exact", device="cpu")
     ni, nj, _ = nearest_same_class(idx, sim, labels, 200)  # sorted by anchor, then by rank
     order = np.r_[0, np.flatnonzero(np.diff(ni)) + 1]
     rows = dict(zip(ni[order].tolist(), np.split(nj, order[1:])))

@@ -19,6 +19,10 @@ shared top-k neighbours of a pair's two images, :func:`sepp.mining.stats.neighbo
 
     python benchmarks/pair_rules.py --encoder ../shared/encoders/simclr_narrow_cifar10_50k_10ep.pt \
         --encoder logs/enc2_50k_s1/last.pt --out logs/rules
+    python benchmarks/pair_rules.py --mined E1=logs/pairs/e1_k20/pairs.npz --out logs/rules   # no flip rules
+
+``--mined NAME=pairs.npz`` reads the top-k lists from a `sepp mine` file that kept every image's k nearest
+(``mine.k=K mine.threshold=-1``), so nothing is embedded again; the flip rules need ``--encoder``.
 
 Writes ``rules.json``, ``rules.md`` and ``rules.png`` into ``--out``.
 """
@@ -34,7 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sepp.config import load_config
 from sepp.data.datasets import build_dataset
+from sepp.data.pairs import load_pairs
+from sepp.errors import SeppError
 from sepp.data.recipes import mean_std
 from sepp.data.transforms import uint8_normalizer
 from sepp.mining.embed import embed
@@ -46,7 +53,7 @@ from sepp.mining.stats import neighbourhood_consistency, shared_neighbours
 
 def embeddings(path: str, root: str | None, flip: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(features, features averaged with the flipped image's, labels)`` of the training split."""
-    overrides = ["device=cpu", "data.subset=0"] + ([f"data.root={root}"] if root else [])
+    overrides = ["device=cpu"] + ([f"data.root={root}"] if root else [])  # the images the encoder was trained on
     cfg = encoder_config(path, None, overrides)
     encoder, _ = load_encoder(path)
     ds = build_dataset(cfg.data, cfg.data.split)
@@ -95,19 +102,50 @@ def score(name: str, i, j, labels, n: int, choice: np.ndarray, idx: np.ndarray, 
             "consistency": neighbourhood_consistency(idx, i, j)}
 
 
-def run(args) -> list[dict]:
-    rows, knn = [], {}
+def top_lists(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``(idx, sim, meta)``: every image's top-k list from a pair file that kept all of them."""
+    pairs = load_pairs(path)
+    n = int(pairs.meta["num_images"])
+    k = len(pairs) // n
+    if k == 0 or len(pairs) != n * k or not (pairs.i.reshape(n, k) == np.arange(n)[:, None]).all():
+        raise SeppError(f"{path} does not hold every image's top-k list; mine it with mine.threshold=-1")
+    return pairs.j.reshape(n, k), pairs.sim.reshape(n, k), pairs.meta
+
+
+def searches(args):
+    """``(name, [(prefix, idx, sim)], labels)`` per encoder: plain (and flip-averaged) top-k lists."""
+    for spec in args.mined:
+        name, path = spec.split("=", 1)
+        idx, sim, meta = top_lists(path)
+        yield name, [("", idx[:, :args.k], sim[:, :args.k])], training_labels(args.root, meta)
     for path in args.encoder:
-        t0 = time.time()
         name = Path(path).parent.name if Path(path).name == "last.pt" else Path(path).stem
         plain, avg, labels = embeddings(path, args.root, args.flip)
-        n = len(plain)
+        found = [(prefix, *topk(emb, args.k, "exact", device="cpu"))
+                 for prefix, emb in ((("", plain), ("flip_", avg)) if args.flip else (("", plain),))]
+        yield name, found, labels
+
+
+def training_labels(root: str | None, meta: dict) -> np.ndarray:
+    """The labels of the images a pair file was mined on (its dataset, split and class-balanced subset)."""
+    overrides = [f"data.name={meta['name']}", f"data.split={meta['split']}", f"data.subset={meta['num_images']}"]
+    cfg = load_config("demo", overrides + ([f"data.root={root}"] if root else []))
+    ds = build_dataset(cfg.data, cfg.data.split)
+    if ds.fingerprint() != meta["fingerprint"]:
+        raise SeppError("the pair file was mined on other images than data.root holds; pass --root")
+    return np.asarray(ds.labels)
+
+
+def run(args) -> list[dict]:
+    rows, knn = [], {}
+    for name, found, labels in searches(args):
+        t0 = time.time()
+        n = len(labels)
         choice = np.random.default_rng(12345).random(n) < args.choice_fraction
-        for prefix, emb in (("", plain), ("flip_", avg)) if args.flip else (("", plain),):
-            sim, idx = topk(emb, args.k, "exact", device="cpu")
+        for prefix, idx, sim in found:
             if not prefix:
                 knn[name] = idx
-            for rule, i, j in rule_points(idx, sim, args.k, prefix):
+            for rule, i, j in rule_points(idx, sim, idx.shape[1], prefix):
                 rows.append(score(rule, i, j, labels, n, choice, idx, name))
         print(f"{name}: {time.time() - t0:.0f} s", flush=True)
     for (a, ia), (b, ib) in itertools.combinations(knn.items(), 2):
@@ -132,7 +170,7 @@ def write(rows: list[dict], out: Path) -> None:
         pc = "—" if r["precision_choice"] is None else f"{100 * r['precision_choice']:.1f} %"
         pr = "—" if r["precision_report"] is None else f"{100 * r['precision_report']:.1f} %"
         lines.append(f"| {r['encoder']} | {r['rule']} | {r['per_image']:.2f} | {100 * r['coverage']:.1f} % | "
-                     f"{pc} | {pr} | {r['consistency']:.3f} |")
+                     f"{pc} | {pr} | {'—' if r['consistency'] is None else format(r['consistency'], '.3f')} |")
     (out / "rules.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "rules.png")
 
@@ -141,6 +179,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    rows = [r for r in rows if r["precision_report"] is not None and r["consistency"] is not None]  # no pairs
     encoders = list(dict.fromkeys(r["encoder"] for r in rows))
     fig, axes = plt.subplots(1, len(encoders) + 1, figsize=(5 * (len(encoders) + 1), 4.2))
     axes = np.atleast_1d(axes)
@@ -165,7 +204,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--encoder", action="append", required=True, help="encoder file (repeat for several)")
+    p.add_argument("--encoder", action="append", default=[], help="encoder file (repeat for several)")
+    p.add_argument("--mined", action="append", default=[], help="NAME=pairs.npz with every image's top-k list")
     p.add_argument("--root", default=None, help="data.root (default: the checkpoint's config / $SEPP_DATA)")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--choice-fraction", type=float, default=0.1)

@@ -27,6 +27,38 @@ def _benchmark(name: str):
     return module
 
 
+@pytest.fixture(scope="module")
+def tiny_mined(cifar_root, tmp_path_factory):
+    """A 2-step SimCLR encoder on 64 images and its `sepp mine` file holding every image's top-3 list."""
+    root = tmp_path_factory.mktemp("mined_study")
+    cli(["pretrain", "--config", "demo",
+         *tiny_overrides(cifar_root, root / "enc", method="simclr", subset=64, batch=32), "train.max_steps=2"])
+    cli(["mine", "--checkpoint", str(root / "enc" / "last.pt"), "mine.k=3", "mine.threshold=-1",
+         f"mine.out={root / 'mining'}"])
+    return root / "enc" / "last.pt", root / "mining" / "pairs.npz"
+
+
+def test_pair_rules_from_an_encoder_equal_those_from_its_mined_file(tiny_mined, cifar_root, tmp_path):
+    """The two inputs of benchmarks/pair_rules.py (embed with the encoder, or read `sepp mine`'s top-k lists)
+    give the same rows, and every row's numbers are consistent with its pairs."""
+    rules = _benchmark("pair_rules")
+    ckpt, pairs = tiny_mined
+    common = ["--k", "3", "--root", str(cifar_root), "--no-flip"]
+    rules.main(["--encoder", str(ckpt), "--out", str(tmp_path / "a"), *common])
+    rules.main(["--mined", f"last={pairs}", "--out", str(tmp_path / "b"), *common])
+    a = json.loads((tmp_path / "a" / "rules.json").read_text())
+    b = json.loads((tmp_path / "b" / "rules.json").read_text())
+    assert len(a) == len(b) > 10
+    for x, y in zip(a, b):
+        assert x["rule"] == y["rule"] and x["pairs"] == y["pairs"]
+        for key in ("precision_report", "precision_choice", "consistency"):
+            assert (x[key] is None and y[key] is None) or x[key] == pytest.approx(y[key], abs=1e-9)
+        assert 0 <= x["coverage"] <= 1 and x["per_image"] == pytest.approx(x["pairs"] / 64)
+    nn_all = next(r for r in a if r["rule"] == "nn_fraction f=1")
+    assert nn_all["coverage"] == 1.0 and nn_all["pairs"] == 64
+    assert (tmp_path / "a" / "rules.png").stat().st_size > 0
+
+
 def test_shared_neighbours_and_consistency_by_hand():
     idx = np.array([[1, 2, 3], [0, 2, 3], [5, 6, 7], [-1, -1, -1]])
     assert shared_neighbours(idx, np.array([0, 0, 2]), np.array([1, 2, 3])).tolist() == [2, 0, 0]
@@ -83,14 +115,12 @@ def test_pair_rules_points_by_hand():
     assert row["precision_choice"] == 0.0 and row["precision_report"] == 1.0 and row["coverage"] == 0.5
 
 
-def test_label_headroom_starts_from_the_encoders_backbone(cifar_root, tmp_path):
+def test_label_headroom_starts_from_the_encoders_backbone(tiny_mined):
     headroom = _benchmark("label_headroom")
     from sepp.methods.checkpoint import load_checkpoint
     from sepp.models.backbones import build_backbone
 
-    ckpt = tmp_path / "enc" / "last.pt"
-    cli(["pretrain", "--config", "demo", *tiny_overrides(cifar_root, tmp_path / "enc", method="simclr", subset=64,
-                                                         batch=32), "train.max_steps=1"])
+    ckpt = tiny_mined[0]
     backbone, _ = build_backbone("resnet18_narrow", True)
     headroom.init_backbone(backbone, str(ckpt))
     state = load_checkpoint(ckpt)["model"]
@@ -98,16 +128,13 @@ def test_label_headroom_starts_from_the_encoders_backbone(cifar_root, tmp_path):
         assert torch.equal(value, state[f"backbone.{key}"])
 
 
-def test_continuation_trains_every_arm_from_one_encoder_and_refuses_mixed_settings(cifar_root, tmp_path, capsys):
+def test_continuation_trains_every_arm_from_one_encoder_and_refuses_mixed_settings(tiny_mined, cifar_root, tmp_path):
     cont = _benchmark("continuation")
-    tiny = tiny_overrides(cifar_root, tmp_path / "enc", method="simclr", subset=64, batch=32)
-    cli(["pretrain", "--config", "demo", *tiny, "train.max_steps=2"])
-    cli(["mine", "--checkpoint", str(tmp_path / "enc" / "last.pt"), "mine.k=2",
-         f"mine.out={tmp_path / 'mining'}"])
-    pairs = tmp_path / "mining" / "pairs.npz"
+    ckpt, pairs = tiny_mined
+    tiny = tiny_overrides(cifar_root, tmp_path, method="simclr", subset=64, batch=32)
     arm = f"mined={pairs},sepp.mode=enlarge,sepp.batch_positives=false"
     common = [o for o in tiny if not o.startswith("out=")] + ["data.eval_subset=100", "eval.linear_epochs=1"]
-    args = ["--encoder", str(tmp_path / "enc" / "last.pt"), "--steps", "2", "--seeds", "0,1", "--arm", arm,
+    args = ["--encoder", str(ckpt), "--steps", "2", "--seeds", "0,1", "--arm", arm,
             "--out", str(tmp_path / "cont"), *common]
     assert cont.main(args) == 0
     result = json.loads((tmp_path / "cont" / "continuation.json").read_text())
@@ -120,3 +147,24 @@ def test_continuation_trains_every_arm_from_one_encoder_and_refuses_mixed_settin
     changed[changed.index("--steps") + 1] = "3"  # the same folders with another budget: refused, not mixed
     with pytest.raises(SeppError, match="other settings"):
         cont.main(changed)
+
+
+def test_sepp_mine_pairs_per_image_keeps_the_most_similar_pairs_and_reports_consistency(tiny_mined, tmp_path):
+    """`sepp mine mine.pairs_per_image=R` keeps exactly the pairs that select_pairs keeps from the full top-k
+    lists (the brute-force-tested rule), records R, and mining.json carries the consistency signal."""
+    from sepp.mining.pairs import select_pairs
+
+    ckpt, full = tiny_mined
+    lists = load_pairs(full)
+    n = lists.meta["num_images"]
+    idx, sim = lists.j.reshape(n, 3), lists.sim.reshape(n, 3)
+    cli(["mine", "--checkpoint", str(ckpt), "mine.k=3", "mine.threshold=-1", "mine.pairs_per_image=0.5",
+         f"mine.out={tmp_path}"])
+    got = load_pairs(tmp_path / "pairs.npz")
+    i, j, _ = select_pairs(idx, sim, 3, -1.0, per_image=0.5)
+    assert got.i.tolist() == i.tolist() and got.j.tolist() == j.tolist()
+    assert len(got) >= round(0.5 * n) and got.sim.min() >= np.sort(sim.ravel())[::-1][round(0.5 * n) - 1]
+    assert got.meta["pairs_per_image"] == 0.5
+    stats = json.loads((tmp_path / "mining.json").read_text())
+    assert stats["consistency"] == pytest.approx(neighbourhood_consistency(idx, got.i, got.j))
+    assert 0.0 <= stats["consistency"] <= 1.0

@@ -20,7 +20,7 @@ from sepp.mining.html import pairs_page
 from sepp.mining.pairs import select_pairs
 from sepp.mining.plots import pairs_gallery, similarity_hist
 from sepp.mining.search import resolve_precision, topk
-from sepp.mining.stats import mining_stats, pair_correct
+from sepp.mining.stats import mining_stats, neighbourhood_consistency, pair_correct
 
 
 def _write_json(path: Path, obj) -> None:
@@ -28,7 +28,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 # the settings that decide which pairs are kept, recorded in every pair file's meta (re-mining keeps them)
-SELECTION = ("k", "threshold", "mutual", "rank_from", "features")
+SELECTION = ("k", "threshold", "mutual", "rank_from", "pairs_per_image", "features")
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class MineSettings:
     threshold: float = 0.0
     mutual: bool = False
     rank_from: int = 1  # keep neighbours at ranks rank_from..k only (skipping the easiest)
+    pairs_per_image: float = 0.0  # > 0: only the dataset's most similar top-k pairs, about this many per image
     features: str = "backbone"  # what the encoder embeds with (recorded; the caller builds the encoder)
     backend: str = "exact"
     chunk_size: int = 4096
@@ -70,7 +71,8 @@ class MineSettings:
     def record(self, precision: str) -> dict:
         """What a pair file and mining.json record of these settings (``precision`` as resolved)."""
         out = {"k": int(self.k), "threshold": float(self.threshold), "mutual": bool(self.mutual),
-               "rank_from": int(self.rank_from), "features": self.features, "backend": self.backend,
+               "rank_from": int(self.rank_from), "pairs_per_image": float(self.pairs_per_image),
+               "features": self.features, "backend": self.backend,
                "precision": precision if self.backend == "exact" else None, "oracle": self.oracle}
         if self.oracle != "none":
             out.update(oracle_precision=float(self.oracle_precision) if self.oracle == "random" else None,
@@ -100,10 +102,12 @@ def mine_pairs(encoder: nn.Module, dataset, settings: MineSettings, *, device: s
     emb = embed(encoder, dataset, device, batch_size=settings.batch_size, rank=rank, world=world,
                 out_path=out_dir / "embeddings.npy" if settings.save_embeddings else None, workers=settings.workers)
     t1 = time.perf_counter()
-    i, j, s = _select(emb, dataset, settings, device, precision, rank, world)
+    i, j, s, idx = _select(emb, dataset, settings, device, precision, rank, world)
     t2 = time.perf_counter()
     labels, classes = getattr(dataset, "labels", None), getattr(dataset, "classes", None)
     stats = mining_stats(i, j, s, len(dataset), labels=labels, classes=classes)
+    # the label-free quality signal: mean shared fraction of the pair's two top-k lists (None for random oracles)
+    stats["consistency"] = None if idx is None else neighbourhood_consistency(idx, i, j)
     if settings.oracle != "none":
         stats = {"diagnostic": diagnostic_line(settings.oracle, settings.oracle_precision), **stats}
     stats["settings"] = {**settings.record(precision), "num_images": len(dataset),
@@ -122,17 +126,19 @@ def mine_pairs(encoder: nn.Module, dataset, settings: MineSettings, *, device: s
 
 
 def _select(emb, dataset, settings: MineSettings, device, precision: str, rank: int, world: int):
-    """``(i, j, sim)``: the kept neighbours of every image, or the DIAGNOSTIC oracle's pairs."""
+    """``(i, j, sim, idx)``: the kept neighbours of every image, or the DIAGNOSTIC oracle's pairs, and the
+    search's top-k lists (None when there was no search)."""
     labels, k = getattr(dataset, "labels", None), settings.k
     if settings.oracle == "random":
         i, j = random_partners(labels, k, settings.oracle_precision, settings.seed)
-        return i, j, np.einsum("nd,nd->n", np.asarray(emb[i]), np.asarray(emb[j])).astype(np.float32)
+        return i, j, np.einsum("nd,nd->n", np.asarray(emb[i]), np.asarray(emb[j])).astype(np.float32), None
     search_k = max(k, settings.oracle_candidates) if settings.oracle == "nearest" else k
     idx, sim = topk(emb, search_k, settings.backend, chunk_size=settings.chunk_size, device=device,
                     precision=precision, rank=rank, world=world)
     if settings.oracle == "nearest":
-        return nearest_same_class(idx, sim, labels, k)
-    return select_pairs(idx, sim, k, settings.threshold, settings.mutual, settings.rank_from)
+        return (*nearest_same_class(idx, sim, labels, k), idx[:, :k])
+    return (*select_pairs(idx, sim, k, settings.threshold, settings.mutual, settings.rank_from,
+                          settings.pairs_per_image), idx)
 
 
 def _plots(dataset, i, j, s, labels, classes, out_dir: Path) -> None:
