@@ -20,7 +20,7 @@ def _err(overrides, path=None) -> str:
 def test_defaults_and_overrides():
     cfg = load_config(None, ["train.epochs=3", "data.subset=100", "mine.threshold=0.5"])
     assert cfg.train.epochs == 3 and cfg.data.subset == 100 and cfg.mine.threshold == 0.5
-    assert cfg.method == "mocov2"
+    assert cfg.method is None and resolve(cfg.copy()).method == "mocov2"  # sepp.methods.DEFAULT_METHOD
 
 
 @pytest.mark.parametrize("overrides, words", [
