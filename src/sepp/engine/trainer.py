@@ -165,7 +165,7 @@ def start(run: Run) -> None:
         run.model = torch.compile(run.model)
     run.loader = build_train_loader(run.cfg, run.dataset, run.device, run.rank, run.world, run.pairs, run.images)
     run.total_steps, run.warmup_steps = run_schedule(run.cfg, len(run.dataset), len(run.loader), run.world)
-    run.log = MetricsLog(run.out, run.start_epoch, run.main)
+    run.log = MetricsLog(run.out, run.start_epoch, run.main, run.method.metric_columns)
 
 
 def remine_if_due(run: Run, epoch: int) -> Optional[dict]:

@@ -29,13 +29,15 @@ class Method(nn.Module):
       (``model.sync_bn`` unset);
     - ``has_negatives``: the loss has negatives, so ``sepp.mask_negatives`` / ``sepp.batch_positives`` may
       hand it known positives (``set_known_positives``); config resolution refuses them otherwise;
-    - ``choices``: hyperparameter -> its allowed values, checked when the config is resolved.
+    - ``choices``: hyperparameter -> its allowed values, checked when the config is resolved;
+    - ``metric_columns``: the keys ``epoch_metrics()`` may return (columns of ``metrics.csv``).
     """
 
     augmentation: ClassVar[Recipe]
     sync_bn: ClassVar[bool] = False
     has_negatives: ClassVar[bool] = False
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    metric_columns: ClassVar[tuple[str, ...]] = ()
     backbone: nn.Module
     projector: nn.Module
 
@@ -71,6 +73,6 @@ class Method(nn.Module):
         before training, for label-based monitors only (never for the loss). Ignored by default."""
 
     def epoch_metrics(self) -> dict[str, float]:
-        """Values to log in the epoch's row of ``metrics.csv``, called once per epoch on every process (it
-        may all-reduce); none by default."""
+        """Values to log in the epoch's row of ``metrics.csv`` (keys among ``metric_columns``), called once per
+        epoch on every process (it may all-reduce); none by default."""
         return {}
