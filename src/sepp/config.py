@@ -1,6 +1,6 @@
 """Configuration: a typed schema (dataclasses) merged with a YAML file and dotted ``key=value`` overrides.
 
-Every key has a default here except the methods' hyperparameters. A method's section (``mocov2:``, ...) is
+Every key has a default here except the methods' hyperparameters. A method's section (``<method name>:``) is
 derived from its constructor (:func:`derive_sections`, fed by ``sepp.methods``): its keys are the keyword-only
 parameters, whose defaults (the papers' ImageNet values) are their one home; a ``null`` in the section means
 "the constructor's value", and :func:`sepp.methods.resolve` writes that value in, so ``config.yaml`` /
