@@ -138,11 +138,12 @@ def mining(cifar_root, tmp_path_factory):
 
 
 def _mine(encoder, cfg, dataset, out):
-    from sepp.mining.from_model import mine_settings
-    from sepp.mining.run import mine_pairs
+    from sepp.mining.run import MineSettings, mine_pairs
 
-    mine_pairs(encoder, dataset, **mine_settings(cfg, "cpu"), out_dir=out, meta={}, plots=False)
-    return load_pairs(out / "pairs.npz")
+    pairs, _ = mine_pairs(encoder, dataset, MineSettings.from_config(cfg, plots=False), device="cpu", out_dir=out,
+                          meta={})
+    assert _same(pairs, load_pairs(out / "pairs.npz"))  # what mining returns is what it wrote
+    return pairs
 
 
 def _same(a, b) -> bool:
