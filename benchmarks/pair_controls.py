@@ -29,7 +29,12 @@ import numpy as np
 from sepp.config import load_config
 from sepp.data.datasets import build_dataset
 from sepp.data.pairs import Pairs, load_pairs, save_pairs
+from sepp.data.recipes import mean_std
+from sepp.data.transforms import uint8_normalizer
+from sepp.mining.embed import embed
+from sepp.mining.encoder import load_encoder
 from sepp.mining.oracle import nearest_same_class
+from sepp.mining.search import topk
 
 
 def effective_precision(i: np.ndarray, j: np.ndarray, labels: np.ndarray) -> float | None:
@@ -63,12 +68,6 @@ def random_of(labels: np.ndarray, anchors: np.ndarray, same: np.ndarray, rng) ->
 def nearest_controls(mined: Pairs, labels: np.ndarray, encoder: str, cfg) -> np.ndarray:
     """For every mined pair, the anchor's r-th nearest same-class neighbour (r = the pair's rank among the
     anchor's partners) among its 200 nearest by ``encoder``; -1 where there are too few."""
-    from sepp.data.recipes import mean_std
-    from sepp.data.transforms import uint8_normalizer
-    from sepp.mining.embed import embed
-    from sepp.mining.encoder import load_encoder
-    from sepp.mining.search import topk
-
     model, _ = load_encoder(encoder)
     ds = build_dataset(cfg.data, cfg.data.split)
     emb = embed(model, ds.uint8_images(), "cpu", normalize=uint8_normalizer(*mean_std(cfg.data.name)))

@@ -212,7 +212,6 @@ def main(argv=None) -> int:
     p.add_argument("--no-flip", dest="flip", action="store_false")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     write(run(args), Path(args.out))
     return 0
 

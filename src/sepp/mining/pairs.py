@@ -15,8 +15,9 @@ def select_pairs(idx: np.ndarray, sim: np.ndarray, k: int, threshold: float, mut
     ``idx``/``sim`` are ``[N, K]`` search results (rows sorted best first; idx -1 = no neighbour). A row's
     own index is never kept. ``k`` larger than K uses all K columns. With ``mutual`` a pair (i, j) is kept
     only if (j, i) is kept too. With ``per_image`` > 0 the threshold is raised to the similarity of the
-    ``round(per_image * N)``-th most similar neighbour at ranks ``rank_from..k`` (ties kept): the most similar pairs of the
-    whole dataset, about ``per_image`` per image, wherever they are (:func:`per_image_threshold`).
+    ``round(per_image * N)``-th most similar neighbour at ranks ``rank_from..k`` (ties kept): the most
+    similar pairs of the whole dataset, about ``per_image`` per image, wherever they are
+    (:func:`per_image_threshold`).
     Output is sorted by anchor i, then by rank.
     """
     idx, sim = np.asarray(idx), np.asarray(sim)
