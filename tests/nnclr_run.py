@@ -1,7 +1,7 @@
 """One short NNCLR pretraining on real CIFAR-10, shared by the NNCLR learning test and the evaluation-suite
 tests (fine-tuning, transfer, embedding pictures, mining with an encoder file): trained once per test session.
 
-The narrow ResNet-18 keeps torchvision's 7x7/2 stem with max-pooling here (``model.cifar_stem=false``): on
+The narrow ResNet-18 keeps torchvision's 7x7/2 stem with max-pooling (``model.cifar_stem=false``, as in every tiny config): on
 32 px images that is ~16x fewer multiply-adds than the 3x3 CIFAR stem, which buys NNCLR -- slower to start
 than SimCLR, because its positives are stored projections of *other* images -- the few hundred optimizer
 steps it needs to clear initialisation by a margin within the test budget.
@@ -20,7 +20,7 @@ _CACHE: dict = {}
 
 def nnclr_overrides(root, out, **extra) -> list[str]:
     items = {"data.eval_subset": EVAL_SUBSET, "eval.knn_k": 200, "train.warmup_epochs": 0,
-             "train.log_every": 50, "train.knn_every": 0, "model.cifar_stem": False,
+             "train.log_every": 50, "train.knn_every": 0,
              "nnclr.queue_size": 4096, "nnclr.proj_hidden_dim": 512, "nnclr.pred_hidden_dim": 512}
     items.update(extra)
     return tiny_overrides(root, out, method="nnclr", subset=SUBSET, batch=256, epochs=EPOCHS, **items)

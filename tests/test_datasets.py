@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from sepp.data import datasets
 from sepp.data.datasets import ArrayDataset, build_dataset, subset_indices
 from sepp.errors import SeppError, reset_warnings
 
@@ -26,10 +27,27 @@ def _unpickle(path: Path) -> dict:
 
 def _build_recording(cfg, split=None):
     reset_warnings()  # the md5 warning is issued once per process; each test sees its own
+    datasets._LOADED.clear()  # ... and its own read of the files
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ds = build_dataset(cfg, split=split)
     return ds, [w for w in caught if issubclass(w.category, UserWarning)]
+
+
+def test_a_split_is_read_once_per_process_until_its_files_change(cifar_root, tmp_path):
+    import shutil
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for f in ("test_batch", "batches.meta"):
+        shutil.copy(cifar_root / "cifar-10-batches-py" / f, folder / f)
+    cfg = {"name": "cifar10", "root": str(tmp_path)}
+    a = build_dataset(cfg, split="test")
+    assert build_dataset(cfg, split="test").images is a.images  # the array read the first time
+    st = (folder / "test_batch").stat()
+    os.utime(folder / "test_batch", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    c = build_dataset(cfg, split="test")
+    assert c.images is not a.images and np.array_equal(c.images, a.images)  # a changed file is read again
 
 
 @pytest.fixture(scope="module")

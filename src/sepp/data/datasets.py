@@ -331,7 +331,33 @@ def _warn_if_modified(folder: Path, files) -> None:
                   f"(a modified copy?); loading anyway", key=("modified", os.path.abspath(folder)))
 
 
+# arrays read from disk in this process, by (name, folder, split, the files' sizes and mtimes): `sepp run` builds
+# the same split several times per phase; a changed file is read again. At most _CACHE_SPLITS splits are kept
+# (the oldest goes first), none over _CACHE_MAX_BYTES (STL-10's unlabeled split). Callers index or copy the
+# arrays, never write to them.
+_LOADED: dict = {}
+_CACHE_SPLITS, _CACHE_MAX_BYTES = 4, 512 * 2**20
+
+
 def _load_in_memory(name: str, root: Path, split: str, download: bool):
+    folder = root / _TV_CLASSES[name].base_folder
+    try:
+        stamp = tuple((st.st_size, st.st_mtime_ns) for st in
+                      ((folder / f).stat() for f, _ in _split_files(name, split)))
+    except OSError:  # not all there: read (or download) them, nothing kept
+        return _read_in_memory(name, root, split, download)
+    key = (name, str(folder.resolve()), split, stamp)
+    if key not in _LOADED:
+        loaded = _read_in_memory(name, root, split, download)
+        if loaded[0].nbytes > _CACHE_MAX_BYTES:
+            return loaded
+        while len(_LOADED) >= _CACHE_SPLITS:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = loaded
+    return _LOADED[key]
+
+
+def _read_in_memory(name: str, root: Path, split: str, download: bool):
     tv_cls = _TV_CLASSES[name]
     files = _split_files(name, split)
     folder = root / tv_cls.base_folder
