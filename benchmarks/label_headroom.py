@@ -29,13 +29,14 @@ from sepp.config import load_config
 from sepp.data.datasets import build_dataset
 from sepp.data.device_loader import DeviceLoader
 from sepp.data.gpu_augment import BatchAugment
-from sepp.data.recipes import view_specs
 from sepp.engine.setup import resolve
 from sepp.eval.data import eval_splits, features
 from sepp.eval.knn import knn_eval
 from sepp.eval.linear import linear_probe
 from sepp.eval.stats import format_mean_std, summarize
+from sepp.methods import method_view_specs
 from sepp.methods.checkpoint import load_checkpoint
+from sepp.methods.optim import scale_lr
 from sepp.models.backbones import build_backbone
 
 
@@ -51,7 +52,7 @@ def train_supervised(cfg, steps: int, seed: int, device: torch.device, init: str
     torch.manual_seed(seed)
     train = build_dataset(cfg.data, split=cfg.data.split)
     labels = torch.as_tensor(train.labels, dtype=torch.int64, device=device)
-    spec1, spec2 = view_specs(cfg.method, cfg.data.image_size, cfg.data.name)
+    spec1, spec2 = method_view_specs(cfg)
     loader = DeviceLoader(train.uint8_images(), BatchAugment(spec1), BatchAugment(spec2),
                           batch_size=int(cfg.train.batch_size), seed=seed, device=device)
     backbone, dim = build_backbone(cfg.model.backbone, cfg.model.cifar_stem)
@@ -59,7 +60,7 @@ def train_supervised(cfg, steps: int, seed: int, device: torch.device, init: str
         init_backbone(backbone, init)
     head = torch.nn.Linear(dim, len(train.classes))
     model = torch.nn.Sequential(backbone, head).to(device)
-    base_lr = 0.1 * cfg.train.batch_size / 256
+    base_lr = scale_lr(0.1, cfg.train.batch_size)
     opt = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=0.9, weight_decay=5e-4)
     warmup = round(float(cfg.train.warmup_epochs) * len(loader))
     step, epoch = 0, 0

@@ -20,7 +20,7 @@ def _err(overrides, path=None) -> str:
 def test_defaults_and_overrides():
     cfg = load_config(None, ["train.epochs=3", "data.subset=100", "mine.threshold=0.5"])
     assert cfg.train.epochs == 3 and cfg.data.subset == 100 and cfg.mine.threshold == 0.5
-    assert cfg.method == "mocov2"
+    assert cfg.method is None and resolve(cfg.copy()).method == "mocov2"  # sepp.methods.DEFAULT_METHOD
 
 
 @pytest.mark.parametrize("overrides, words", [
@@ -40,6 +40,10 @@ def test_defaults_and_overrides():
     (["method=byol", "sepp.mask_negatives=true"], ["mask_negatives", "mocov2, simclr"]),
     (["run.evals=[knn,detection]"], ["run.evals", "knn, linear"]),
     (["mine.rank_from=6", "mine.k=5"], ["rank_from", "mine.k=5"]),
+    # method sections, derived from the constructors' keyword-only parameters and annotations
+    (["mocov2.queue_sizee=3"], ["unknown config key 'mocov2.queue_sizee'", "queue_size, symmetric, temperature"]),
+    (["simclr.temperature=warm"], ["simclr.temperature", "warm"]),
+    (["mocov2.bn=split"], ["mocov2.bn='split'", "shuffle, sync, none"]),
 ])
 def test_bad_input_is_one_line(overrides, words):
     msg = _err(overrides)

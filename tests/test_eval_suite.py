@@ -12,7 +12,7 @@ import torch
 
 from nnclr_run import EVAL_SUBSET, SUBSET, pretrained_nnclr
 from sepp.errors import SeppError
-from sepp.eval.finetune import finetune, label_list_subset, label_subset, recipe
+from sepp.eval.finetune import finetune, finetune_settings, label_list_subset, label_subset
 from sepp.eval.transfer import c_grid, default_metric, fit_logistic, scores, select_and_fit
 
 # the read-only Imagenette2 copy of the development machines (../shared/data/imagenette2, or $SEPP_SHARED/...)
@@ -45,9 +45,9 @@ def test_label_list_matches_simclr_file_names(tmp_path):
         label_list_subset(paths, tmp_path / "bad.txt")
 
 
-def test_recipe_follows_simclr_imagenet_values():
-    assert recipe("imagenet", 0.01) == (0.05, 60) and recipe("imagenet", 0.1) == (0.05, 30)
-    assert recipe("cifar10", 0.1, lr=0.2, epochs=5) == (0.2, 5)
+def test_finetune_settings_follow_simclr_imagenet_values():
+    assert finetune_settings("imagenet", 0.01) == (0.05, 60) and finetune_settings("imagenet", 0.1) == (0.05, 30)
+    assert finetune_settings("cifar10", 0.1, lr=0.2, epochs=5) == (0.2, 5)
 
 
 # ---- transfer: the logistic regression ----------------------------------------------------------------------

@@ -24,7 +24,8 @@ from torchvision.transforms.v2 import functional as TF
 from sepp.data import gpu_augment as G
 from sepp.data.device_loader import DeviceLoader
 from sepp.data.gpu_augment import BatchAugment
-from sepp.data.recipes import RECIPES, ViewSpec, view_specs
+from sepp.data.recipes import ViewSpec, view_specs
+from sepp.methods import METHODS
 from sepp.data.sampling import epoch_plan, shard
 from sepp.data.transforms import view_transform
 from sepp.errors import SeppError
@@ -292,7 +293,7 @@ def test_pipeline_equals_torchvision_for_drawn_parameters():
 
 
 def test_call_uses_sample_params_and_is_deterministic():
-    spec = view_specs("byol", 24, "cifar10")[1]
+    spec = view_specs(METHODS["byol"].augmentation, 24, "cifar10")[1]
     aug = BatchAugment(spec)
     images = torch.randint(0, 256, (6, 3, 20, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     a = aug(images, torch.Generator().manual_seed(4))
@@ -329,7 +330,7 @@ def test_cifar_statistics_match_dataloader_path():
     by about -0.03. Tolerances are that bias plus ~4 standard deviations.
     """
     images = _cifar(320)
-    specs = {s for recipe in RECIPES for s in view_specs(recipe, 32, "cifar10")}
+    specs = {s for m in METHODS.values() for s in view_specs(m.augmentation, 32, "cifar10")}
     assert len(specs) == 4  # mocov2 == simsiam; simclr; byol's two views
     for k, spec in enumerate(sorted(specs, key=repr)):
         ours = _stats(BatchAugment(spec)(images.repeat(4, 1, 1, 1), torch.Generator().manual_seed(k)))
@@ -389,7 +390,7 @@ def test_device_loader_pairs_and_ranks():
 
 def test_device_loader_augments_reproducibly_per_rank():
     images = torch.randint(0, 256, (40, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    spec = view_specs("simclr", 8, "cifar10")[0]
+    spec = view_specs(METHODS["simclr"].augmentation, 8, "cifar10")[0]
 
     def first(rank, epoch):
         loader = DeviceLoader(images, BatchAugment(spec), BatchAugment(spec), 8, seed=3, device="cpu", rank=rank,
@@ -419,7 +420,7 @@ def test_augment_grid_writes_png(tmp_path):
 
     from sepp.report.augment_grid import save_augment_grid
 
-    v1, v2_ = view_specs("byol", 16, "cifar10")
+    v1, v2_ = view_specs(METHODS["byol"].augmentation, 16, "cifar10")
     state = torch.get_rng_state()
     path = save_augment_grid(_cifar(2)[:, :, :16, :16], v1, v2_, tmp_path / "grid" / "aug.png", views=2, seed=0)
     assert torch.equal(torch.get_rng_state(), state)

@@ -230,7 +230,7 @@ def test_param_groups_come_from_the_method_base(method, names):
     model = build_method(config(method, **SMALL[method]))
     assert isinstance(model, Method) and [g["name"] for g in model.param_groups(0.1)] == names
     assert ("param_groups" in vars(type(model))) == (method == "simsiam")  # only SimSiam overrides it
-    assert type(model).has_negatives() == (method in ("mocov2", "simclr"))
+    assert type(model).has_negatives == (method in ("mocov2", "simclr"))
 
 
 def test_nnclr_projector_ends_in_an_affine_bn_like_solo_learn():

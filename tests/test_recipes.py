@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -367,9 +366,8 @@ def test_linear_protocol_standard_and_fast(monkeypatch):
     res = lin.linear_probe(nn.Identity(), cfg, DS(), DS(), torch.device("cpu"), feats)
     assert res["protocol"] == "fast" and calls["precomputed"]["lr"] == pytest.approx(0.01)
     # the step schedule of main_lincls: x0.1 from epoch 60, x0.01 from epoch 80
-    assert [lin._factor(e * 10, 1000, 10, (60, 80)) for e in (0, 59, 60, 79, 80, 99)] == \
+    assert [lin.milestone_rate(1.0, e * 10, 10, (60, 80)) for e in (0, 59, 60, 79, 80, 99)] == \
         pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
-    assert lin._factor(500, 1000, 10, None) == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))
 
 
 def test_standard_probe_has_a_plain_linear_head():

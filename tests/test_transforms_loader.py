@@ -11,7 +11,8 @@ from torchvision.transforms import v2
 
 from sepp.data.datasets import ArrayDataset, build_dataset
 from sepp.data.loader import PlanSampler, TwoViewDataset, build_loader, eval_loader
-from sepp.data.recipes import RECIPES, ViewSpec, mean_std, view_specs
+from sepp.data.recipes import ViewSpec, mean_std, view_specs
+from sepp.methods import METHODS
 from sepp.data.sampling import epoch_plan, shard
 from sepp.data.transforms import eval_transform, view_transform
 
@@ -70,13 +71,13 @@ def test_flip_grayscale_and_solarize_by_hand():
     torch.testing.assert_close(solar.as_subclass(torch.Tensor), _normalised(expected), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("size,dataset,src", [(32, "cifar10", (32, 32)), (96, "stl10", (96, 96)),
                                               (224, "imagenet", (180, 240))])
-def test_recipe_views_shape_dtype_and_optional_ops(recipe, size, dataset, src):
+def test_recipe_views_shape_dtype_and_optional_ops(method, size, dataset, src):
     img = Image.fromarray(_random_image(*src, seed=size))
     mean, std = mean_std(dataset)
-    for spec in view_specs(recipe, size, dataset):
+    for spec in view_specs(METHODS[method].augmentation, size, dataset):
         t = view_transform(spec)
         ops = _ops(t)
         blurs = [op for op in ops if isinstance(op, v2.GaussianBlur)]
@@ -204,7 +205,7 @@ def test_loader_on_an_image_folder_with_real_views(tmp_path):
             pixels = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "train" / c / f"{k}.jpg")
     ds = build_dataset({"name": "imagefolder", "root": str(tmp_path), "split": "train"})
-    v1, v2_ = view_specs("byol", 32, "imagefolder")
+    v1, v2_ = view_specs(METHODS["byol"].augmentation, 32, "imagefolder")
     x1, x2, ids1, ids2 = next(iter(build_loader(ds, view_transform(v1), view_transform(v2_), 4, 0, seed=0)))
     assert x1.shape == x2.shape == (4, 3, 32, 32) and torch.equal(ids1, ids2)
     assert x1.dtype == torch.float32 and ids1.dtype == torch.int64

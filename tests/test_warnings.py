@@ -87,8 +87,8 @@ def test_a_demo_log_has_no_python_source_lines(cifar_root, tmp_path):
     warning's ``file.py:N: Category`` header or the source line Python prints under it."""
     from conftest import tiny_overrides
 
-    # --out: the demo's own default (runs/demo) would otherwise win over the override's out= and a second run
-    # would resume the first one's finished phases without loading the data (and so without the notice)
+    # a fresh folder: a second run would resume the first one's finished phases without loading the data (and
+    # so without the notice)
     args = ["demo", "--out", str(tmp_path / "demo"),
             *tiny_overrides(cifar_root, tmp_path / "demo", method="simclr", subset=64, batch=16),
             "run.baseline_epochs=1", "run.sepp_epochs=1", "mine.k=2", "eval.linear_epochs=2", "run.seeds=[]"]

@@ -93,28 +93,32 @@ def _mine_encoder(args):
     from .mining.encoder import encoder_config, mine_with_encoder
 
     cfg = resolve(encoder_config(args.encoder, args.config, args.overrides))
-    out = Path(cfg.mine.out) if cfg.mine.out else Path(args.encoder).parent / "mining"
+    out = _mining_out(cfg, args.encoder)
     return mine_with_encoder(args.encoder, cfg, out, arch=args.arch, cifar_stem=args.cifar_stem,
                              key_prefix=args.key_prefix)[1], out
+
+
+def _mine_checkpoint(args):
+    """`sepp mine --checkpoint FILE`: mine with a sepp run's encoder and configuration."""
+    from .engine.setup import resolve
+    from .methods.checkpoint import config_from_checkpoint, load_checkpoint
+    from .mining.from_model import mine_checkpoint
+
+    cfg = resolve(config_from_checkpoint(load_checkpoint(args.checkpoint), args.overrides))
+    out = _mining_out(cfg, args.checkpoint)
+    return mine_checkpoint(args.checkpoint, cfg, out)[1], out
+
+
+def _mining_out(cfg, source: str) -> Path:
+    """``mine.out``, by default ``mining/`` beside the encoder file."""
+    return Path(cfg.mine.out) if cfg.mine.out else Path(source).parent / "mining"
 
 
 def _mine(args):
     if (args.checkpoint is None) == (args.encoder is None):
         raise SeppError("sepp mine needs exactly one of --checkpoint FILE (a sepp run) or --encoder FILE "
                         "(a sepp checkpoint, `sepp export` output or torchvision ResNet state_dict)")
-    if args.encoder is not None:
-        stats, out = _mine_encoder(args)
-        prec = stats.get("precision")
-        print(f"pairs={stats['num_pairs']} coverage={stats['coverage']:.3f}"
-              + (f" precision={prec:.3f}" if prec is not None else "") + f"  ({out / 'pairs.npz'})")
-        return
-    from .engine.setup import resolve
-    from .methods.checkpoint import config_from_checkpoint, load_checkpoint
-    from .mining.from_model import mine_checkpoint
-
-    cfg = resolve(config_from_checkpoint(load_checkpoint(args.checkpoint), args.overrides))
-    out = Path(cfg.mine.out) if cfg.mine.out else Path(args.checkpoint).parent / "mining"
-    _, stats = mine_checkpoint(args.checkpoint, cfg, out)
+    stats, out = _mine_encoder(args) if args.encoder is not None else _mine_checkpoint(args)
     prec = stats.get("precision")
     print(f"pairs={stats['num_pairs']} coverage={stats['coverage']:.3f}"
           + (f" precision={prec:.3f}" if prec is not None else "") + f"  ({out / 'pairs.npz'})")
@@ -138,8 +142,8 @@ def _augment_grid(args):
 
     from .config import load_config
     from .data.datasets import build_dataset
-    from .data.recipes import view_specs
     from .engine.setup import resolve
+    from .methods import method_view_specs
     from .report.augment_grid import save_augment_grid
 
     cfg = resolve(load_config(args.config, args.overrides))
@@ -150,7 +154,7 @@ def _augment_grid(args):
 
         images = torch.stack([F.center_crop(F.resize(F.pil_to_tensor(ds.load_image(i)), cfg.data.image_size),
                                             cfg.data.image_size) for i in range(args.images)])
-    spec1, spec2 = view_specs(cfg.method, cfg.data.image_size, cfg.data.name)
+    spec1, spec2 = method_view_specs(cfg)
     save_augment_grid(images[: args.images], spec1, spec2, args.out, seed=cfg.seed)
     print(f"wrote {args.out}")
 
@@ -203,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_run)
 
     sp = with_overrides(sub.add_parser("demo", help="`sepp run` at CPU scale on real CIFAR-10 (<= 10 minutes)"))
-    sp.add_argument("--out", default="runs/demo")
+    sp.add_argument("--out", help="output folder (default: the demo config's out)")
     sp.set_defaults(func=lambda a: _run(a, config="demo"))
 
     sp = with_overrides(sub.add_parser("augment-grid", help="picture of augmented views (torchvision vs batched)"))
@@ -224,12 +228,12 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    from . import distributed as dist_utils
+    from . import distributed as D
     from .engine.trainer import Interrupted
 
     try:
-        dist_utils.init_distributed()  # no-op unless launched by torchrun; makes only rank 0 print
-        if not dist_utils.is_main():
+        D.init_distributed()  # no-op unless launched by torchrun; makes only rank 0 print
+        if not D.is_main():
             sys.stdout = open(os.devnull, "w")
         args.func(args)
     except SeppError as exc:

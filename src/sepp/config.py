@@ -1,26 +1,34 @@
 """Configuration: a typed schema (dataclasses) merged with a YAML file and dotted ``key=value`` overrides.
 
-Every key has a default here except the methods' hyperparameters: their one home is the method's constructor
-(``sepp.methods``, the papers' ImageNet values); a ``null`` in its section means "the constructor's value", and
-:func:`sepp.methods.resolve` writes that value in, so ``config.yaml`` / ``--print-config`` show what runs. YAML
-files under ``configs/`` set what differs per dataset and method (each shipped CIFAR config states its method's
-values). An unknown key, a value of the wrong type or a value outside its choices raises one :class:`SeppError`
-line naming the key and what is allowed. This module is ground: it imports nothing of sepp but ``errors``, so
-values that name a registry entry (a method, dataset, backbone, ...) are checked by the registry's own layer.
-:func:`fill_auto` fills the ``auto``/``null`` values that depend on the machine and the data (image size, CIFAR
-stem, device, data root, workers).
+Every key has a default here except the methods' hyperparameters. A method's section (``<method name>:``) is
+derived from its constructor (:func:`derive_sections`, fed by ``sepp.methods``): its keys are the keyword-only
+parameters, whose defaults (the papers' ImageNet values) are their one home; a ``null`` in the section means
+"the constructor's value", and :func:`sepp.methods.resolve` writes that value in, so ``config.yaml`` /
+``--print-config`` show what runs. YAML files under ``configs/`` set what differs per dataset and method (each
+shipped CIFAR config states its method's values). An unknown key, a value of the wrong type or a value outside
+its choices raises one :class:`SeppError` line naming the key and what is allowed. This module is ground: it
+imports nothing of sepp but ``errors``, ``distributed`` and ``fileio``, so values that name a registry entry (a
+method, dataset, backbone, ...) are checked by the registry's own layer. :func:`fill_auto` fills the
+``auto``/``null`` values that depend on the machine and the data (image size, CIFAR stem, device, data root,
+workers).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
-from dataclasses import dataclass, field
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from . import distributed as D
 from .errors import SeppError
+from .fileio import atomic_write
 
 PACKAGE_CONFIGS = Path(__file__).parent / "configs"
 
@@ -44,72 +52,12 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet18"
     cifar_stem: Optional[bool] = None  # None: True for images <= 64 px
-    # SyncBatchNorm under DDP. None: on for simclr/simsiam/byol on CUDA (their papers use global / synchronised
-    # BN; SyncBatchNorm needs a GPU), off for mocov2 (shuffle-BN, mocov2.bn) and on CPU
+    # SyncBatchNorm under DDP. None: on CUDA, on for the methods whose paper synchronises BN (their class
+    # attribute sync_bn; SyncBatchNorm needs a GPU), off otherwise and on CPU
     sync_bn: Optional[bool] = None
     # where the backbone's keys begin in an encoder file (train.init_backbone, run.baseline_checkpoint, sepp mine
     # --encoder), e.g. state_dict.module.encoder_q.; None: recognised (sepp.models.layouts)
     key_prefix: Optional[str] = None
-
-
-# Method sections: None = the constructor's default (sepp.methods.<name>, the paper's ImageNet value), filled in
-# by `sepp.methods.resolve`; the shipped configs/cifar10_<method>.yaml give the CIFAR values with their sources.
-
-@dataclass
-class MoCoV2Config:
-    """MoCo-v2 (Chen et al. 2020); see sepp.methods.mocov2.MoCoV2 for the defaults."""
-
-    proj_hidden_dim: Optional[int] = None
-    proj_dim: Optional[int] = None
-    queue_size: Optional[int] = None
-    momentum: Optional[float] = None
-    temperature: Optional[float] = None
-    symmetric: Optional[bool] = None
-    bn: Optional[str] = None  # shuffle | sync | none: the answer to BN leakage across the key batch
-    # one process + bn=shuffle: BN statistics per 1/bn_splits of the batch and shuffled keys (the official
-    # CIFAR demo uses 8, and so do the shipped CIFAR MoCo configs); 1 = off
-    bn_splits: Optional[int] = None
-
-
-@dataclass
-class SimSiamConfig:
-    """SimSiam (Chen & He 2021); see sepp.methods.simsiam.SimSiam for the defaults."""
-
-    proj_hidden_dim: Optional[int] = None
-    proj_dim: Optional[int] = None
-    proj_layers: Optional[int] = None
-    pred_hidden_dim: Optional[int] = None
-    fix_pred_lr: Optional[bool] = None
-
-
-@dataclass
-class SimCLRConfig:
-    """SimCLR (Chen et al. 2020); see sepp.methods.simclr.SimCLR for the defaults."""
-
-    proj_hidden_dim: Optional[int] = None
-    proj_dim: Optional[int] = None
-    temperature: Optional[float] = None
-
-
-@dataclass
-class BYOLConfig:
-    """BYOL (Grill et al. 2020); see sepp.methods.byol.BYOL for the defaults."""
-
-    proj_hidden_dim: Optional[int] = None
-    proj_dim: Optional[int] = None
-    pred_hidden_dim: Optional[int] = None
-    tau_base: Optional[float] = None
-
-
-@dataclass
-class NNCLRConfig:
-    """NNCLR (Dwibedi et al. 2021); see sepp.methods.nnclr.NNCLR for the defaults."""
-
-    proj_hidden_dim: Optional[int] = None
-    proj_dim: Optional[int] = None
-    pred_hidden_dim: Optional[int] = None
-    queue_size: Optional[int] = None  # support set of past projections
-    temperature: Optional[float] = None
 
 
 @dataclass
@@ -164,8 +112,9 @@ class EvalConfig:
     # semi-supervised fine-tuning (`sepp eval finetune`, SimCLR's protocol; see sepp.eval.finetune)
     label_fraction: float = 0.1  # class-balanced fraction of the labelled training split (seeded by `seed`)
     label_list: Optional[str] = None  # ImageNet: SimCLR's 1percent.txt / 10percent.txt (one file name a line)
-    finetune_epochs: int = 0  # 0: the protocol's (sepp.eval.finetune.RECIPES)
-    finetune_lr: float = 0.0  # per 256 images; 0: the dataset's documented value (sepp.eval.finetune.RECIPES)
+    # 0: the dataset's documented value (sepp.eval.finetune.FINETUNE_SETTINGS)
+    finetune_epochs: int = 0
+    finetune_lr: float = 0.0  # per 256 images
     finetune_batch_size: int = 256
     finetune_max_steps: int = 0  # > 0: stop after this many optimizer steps (smoke tests)
     # `sepp eval embed-plot`
@@ -261,17 +210,12 @@ class TransferConfig:
 
 @dataclass
 class Config:
-    method: str = "mocov2"
+    method: Optional[str] = None  # None: sepp.methods.DEFAULT_METHOD (filled in by sepp.methods.resolve)
     device: str = "auto"
     seed: int = 0
     out: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    mocov2: MoCoV2Config = field(default_factory=MoCoV2Config)
-    simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
-    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
-    byol: BYOLConfig = field(default_factory=BYOLConfig)
-    nnclr: NNCLRConfig = field(default_factory=NNCLRConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mine: MineConfig = field(default_factory=MineConfig)
@@ -281,6 +225,50 @@ class Config:
     # the key=value overrides given on the command line (set by load_config): a record, not a setting, except
     # that re-mining (sepp.remine_every) lets a mine.* key given here win over the replaced pair file's value
     command_line: list[str] = field(default_factory=list)
+
+
+# ---- sections derived from constructors (the method sections) -------------------------------------------------
+# This layer cannot import the method registry (a layer up): `sepp.methods` hands it down through
+# derive_sections(METHODS). A registry is read at every build, so an entry added to it later gets its section.
+_DERIVED: list[Mapping[str, type]] = []
+_TYPED = (int, float, bool, str)  # annotations a derived key is checked against here; others: the constructor's
+
+
+def derive_sections(registry: Mapping[str, type]) -> None:
+    """Give every entry ``name -> cls`` of ``registry`` a config section ``name:`` whose keys are the
+    keyword-only parameters of ``cls``'s constructor, each null by default (= the constructor's default,
+    written in when the registry's layer resolves the config)."""
+    if all(r is not registry for r in _DERIVED):
+        _DERIVED.append(registry)
+
+
+def keyword_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """The keyword-only parameters of ``cls``'s constructor, in order: the keys of its derived section."""
+    params = inspect.signature(cls.__init__).parameters
+    return {n: p for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+@functools.lru_cache(maxsize=None)
+def _section_schema(cls: type) -> type:
+    """One optional field per keyword-only constructor parameter, typed by its annotation when that is int,
+    float, bool or str."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except (NameError, TypeError):  # an annotation that does not evaluate: its keys stay untyped
+        hints = {}
+    fields = [(name, Optional[hints[name]] if hints.get(name) in _TYPED else Any, field(default=None))
+              for name in keyword_parameters(cls)]
+    return make_dataclass(f"{cls.__name__}Section", fields)
+
+
+def _schema() -> DictConfig:
+    """The schema: :class:`Config` plus the derived sections."""
+    schema = OmegaConf.structured(Config)
+    with open_dict(schema):
+        for registry in _DERIVED:
+            for name, cls in registry.items():
+                schema[name] = OmegaConf.structured(_section_schema(cls))
+    return schema
 
 
 # Values this schema owns. Values that name an entry of a registry (method, dataset, backbone, pair mode,
@@ -367,7 +355,7 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
 
 def build_config(*sources: Any) -> DictConfig:
     """Merge sources (dicts, DictConfigs, YAML paths) over the schema defaults, then validate."""
-    schema = OmegaConf.structured(Config)
+    schema = _schema()
     cfg = schema
     for src in sources:
         if src is None:
@@ -379,7 +367,8 @@ def build_config(*sources: Any) -> DictConfig:
         except OmegaConfBaseException as exc:
             key = getattr(exc, "full_key", "") or ""
             if "not in struct" in str(exc) or "Key '" in str(exc) and "not" in str(exc):
-                raise SeppError(f"unknown config key {key!r}; {_valid_keys(schema, key)}") from None
+                hint = "" if _DERIVED else " (method sections exist once sepp.methods is imported)"
+                raise SeppError(f"unknown config key {key!r}; {_valid_keys(schema, key)}{hint}") from None
             first = str(exc).strip().splitlines()[0]
             raise SeppError(f"bad value for {key or 'config'}: {first}") from None
     validate(cfg)
@@ -454,3 +443,12 @@ def fill_auto(cfg: DictConfig) -> DictConfig:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def write_config(cfg: DictConfig, folder: str | os.PathLike) -> Path:
+    """Write ``folder/config.yaml`` (:func:`to_yaml`), creating ``folder``; only the main process writes.
+    Returns the path."""
+    path = Path(folder) / "config.yaml"
+    if D.is_main():
+        atomic_write(path, lambda f: f.write(to_yaml(cfg).encode()))
+    return path

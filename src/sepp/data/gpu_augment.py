@@ -137,6 +137,38 @@ def resized_crop(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, height:
                      aligned=True)
 
 
+def _crop_boxes(s: ViewSpec, batch: int, height: int, width: int, rand, uniform):
+    """RandomResizedCrop's boxes ``(top, left, height, width)`` (int64 ``[batch]``), drawn with ``rand`` /
+    ``uniform``: ten attempts per sample at once, the first that fits wins; torchvision's fallback otherwise."""
+    attempts = 10
+    area = float(height * width)
+    target = area * uniform(s.crop_scale[0], s.crop_scale[1], batch, attempts)
+    aspect = torch.exp(uniform(math.log(s.crop_ratio[0]), math.log(s.crop_ratio[1]), batch, attempts))
+    cw = torch.round(torch.sqrt(target * aspect))
+    ch = torch.round(torch.sqrt(target / aspect))
+    fits = (cw > 0) & (cw <= width) & (ch > 0) & (ch <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)  # index of the first True (0 when none)
+    cw = cw.gather(1, first).squeeze(1)
+    ch = ch.gather(1, first).squeeze(1)
+    found = fits.any(dim=1)
+    # torchvision's fallback: the whole image, clamped to the allowed aspect ratios, centred.
+    in_ratio = width / height
+    if in_ratio < min(s.crop_ratio):
+        fw, fh = width, int(round(width / min(s.crop_ratio)))
+    elif in_ratio > max(s.crop_ratio):
+        fw, fh = int(round(height * max(s.crop_ratio))), height
+    else:
+        fw, fh = width, height
+    cw = torch.where(found, cw, torch.full_like(cw, fw)).long()
+    ch = torch.where(found, ch, torch.full_like(ch, fh)).long()
+    u = rand(2, batch)
+    top = torch.minimum((u[0] * (height - ch + 1)).long(), height - ch)
+    left = torch.minimum((u[1] * (width - cw + 1)).long(), width - cw)
+    top = torch.where(found, top, (height - ch) // 2)
+    left = torch.where(found, left, (width - cw) // 2)
+    return top, left, ch, cw
+
+
 class BatchAugment:
     """One view distribution (a :class:`ViewSpec`) applied to a batch of uint8 images on any device.
 
@@ -176,33 +208,7 @@ class BatchAugment:
         def uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:
             return lo + (hi - lo) * rand(*shape)
 
-        # RandomResizedCrop: ten attempts per sample at once; the first that fits wins.
-        attempts = 10
-        area = float(height * width)
-        target = area * uniform(s.crop_scale[0], s.crop_scale[1], batch, attempts)
-        aspect = torch.exp(uniform(math.log(s.crop_ratio[0]), math.log(s.crop_ratio[1]), batch, attempts))
-        cw = torch.round(torch.sqrt(target * aspect))
-        ch = torch.round(torch.sqrt(target / aspect))
-        fits = (cw > 0) & (cw <= width) & (ch > 0) & (ch <= height)
-        first = fits.int().argmax(dim=1, keepdim=True)  # index of the first True (0 when none)
-        cw = cw.gather(1, first).squeeze(1)
-        ch = ch.gather(1, first).squeeze(1)
-        found = fits.any(dim=1)
-        # torchvision's fallback: the whole image, clamped to the allowed aspect ratios, centred.
-        in_ratio = width / height
-        if in_ratio < min(s.crop_ratio):
-            fw, fh = width, int(round(width / min(s.crop_ratio)))
-        elif in_ratio > max(s.crop_ratio):
-            fw, fh = int(round(height * max(s.crop_ratio))), height
-        else:
-            fw, fh = width, height
-        cw = torch.where(found, cw, torch.full_like(cw, fw)).long()
-        ch = torch.where(found, ch, torch.full_like(ch, fh)).long()
-        u = rand(2, batch)
-        top = torch.minimum((u[0] * (height - ch + 1)).long(), height - ch)
-        left = torch.minimum((u[1] * (width - cw + 1)).long(), width - cw)
-        top = torch.where(found, top, (height - ch) // 2)
-        left = torch.where(found, left, (width - cw) // 2)
+        top, left, ch, cw = _crop_boxes(s, batch, height, width, rand, uniform)
 
         def factor(x: float) -> torch.Tensor:
             return uniform(max(0.0, 1.0 - x), 1.0 + x, batch)

@@ -1,16 +1,11 @@
 """Augmentation recipes as plain data, shared by the torchvision (PIL/tensor) path and the batched
 GPU path so both draw views from the same distribution.
 
-Values follow the original papers / official repositories:
-- MoCo-v2 (Chen et al. 2020, facebookresearch/moco ``--aug-plus``): crop 0.2-1, jitter 0.4/0.4/0.4/0.1 p=0.8,
-  grayscale p=0.2, blur sigma 0.1-2 p=0.5, flip.
-- SimSiam (Chen & He 2021, facebookresearch/simsiam): as MoCo-v2.
-- SimCLR (Chen et al. 2020): crop 0.08-1, jitter 0.8*s with s=1 (0.8/0.8/0.8/0.2) p=0.8, grayscale p=0.2,
-  blur p=0.5 on ImageNet only.
-- BYOL (Grill et al. 2020), also NNCLR's (Dwibedi et al. 2021): asymmetric: view 1 blur p=1.0 solarize p=0;
-  view 2 blur p=0.1 solarize p=0.2; jitter 0.4/0.4/0.2/0.1 p=0.8, grayscale p=0.2, crop 0.08-1.
-CIFAR-size variants (images <= 64 px) drop Gaussian blur, as the SimCLR paper's CIFAR experiments and
-solo-learn's CIFAR configs do, and use crop scale 0.08-1 for every method (as solo-learn does for CIFAR).
+A :class:`Recipe` is the size-free description of a method's two view distributions (each method class
+carries its own as ``augmentation``, with the values of its paper; this layer knows no method).
+:func:`view_specs` turns it into the two :class:`ViewSpec` of an image side: CIFAR-size images (<= 64 px)
+drop Gaussian blur, as the SimCLR paper's CIFAR experiments and solo-learn's CIFAR configs do, and use crop
+scale 0.08-1 whatever the recipe (as solo-learn does for CIFAR).
 """
 from __future__ import annotations
 
@@ -58,24 +53,33 @@ class ViewSpec:
         return k + 1 if k % 2 == 0 else k
 
 
-RECIPES = ("mocov2", "simsiam", "simclr", "byol", "nnclr")
+SMALL_IMAGE = 64  # sides up to this are "CIFAR-size": no blur, crop scale SMALL_CROP_SCALE
+SMALL_CROP_SCALE = (0.08, 1.0)
 
 
-def view_specs(recipe: str, size: int, dataset: str = "imagenet") -> tuple[ViewSpec, ViewSpec]:
-    """The two view distributions of a method's recipe at a given image side."""
+@dataclass(frozen=True)
+class Recipe:
+    """A method's augmentation recipe: crop scale (at sides above ``SMALL_IMAGE``), colour-jitter strengths
+    and, per view (view 1, view 2), the probabilities of Gaussian blur (at sides above ``SMALL_IMAGE``) and
+    of solarisation. Everything else (flip, jitter and grayscale probabilities, blur sigma, ...) is
+    :class:`ViewSpec`'s default."""
+
+    crop_scale: tuple[float, float]
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+    blur_p: tuple[float, float]
+    solarize_p: tuple[float, float] = (0.0, 0.0)
+
+
+def view_specs(recipe: Recipe, size: int, dataset: str = "imagenet") -> tuple[ViewSpec, ViewSpec]:
+    """The two view distributions of ``recipe`` at image side ``size``, normalised with ``dataset``'s
+    mean/std."""
     mean, std = mean_std(dataset)
-    small = size <= 64
-    base = ViewSpec(size=size, mean=mean, std=std)
-    if recipe in ("mocov2", "simsiam"):
-        v = replace(base, crop_scale=(0.08, 1.0) if small else (0.2, 1.0), blur_p=0.0 if small else 0.5)
-        return v, v
-    if recipe == "simclr":
-        v = replace(base, crop_scale=(0.08, 1.0), brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
-                    blur_p=0.0 if small else 0.5)
-        return v, v
-    if recipe in ("byol", "nnclr"):  # NNCLR trains with BYOL's augmentations (as its paper)
-        v = replace(base, crop_scale=(0.08, 1.0), brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
-        v1 = replace(v, blur_p=0.0 if small else 1.0, solarize_p=0.0)
-        v2 = replace(v, blur_p=0.0 if small else 0.1, solarize_p=0.2)
-        return v1, v2
-    raise ValueError(f"unknown augmentation recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    small = size <= SMALL_IMAGE
+    base = ViewSpec(size=size, mean=mean, std=std, crop_scale=SMALL_CROP_SCALE if small else recipe.crop_scale,
+                    brightness=recipe.brightness, contrast=recipe.contrast, saturation=recipe.saturation,
+                    hue=recipe.hue)
+    return tuple(replace(base, blur_p=0.0 if small else blur, solarize_p=solarize)  # type: ignore[return-value]
+                 for blur, solarize in zip(recipe.blur_p, recipe.solarize_p))

@@ -5,15 +5,17 @@ import csv
 from pathlib import Path
 
 METRIC_COLUMNS = ["epoch", "step", "loss", "lr", "samples_per_s", "epoch_seconds", "knn_top1",
-                  "pairs", "pair_precision", "pair_coverage", "nn_agreement"]
+                  "pairs", "pair_precision", "pair_coverage"]
 
 
 class MetricsLog:
-    """Appends one row per epoch; a resumed run keeps the rows up to its checkpoint's epoch."""
+    """Appends one row per epoch; a resumed run keeps the rows up to its checkpoint's epoch. The columns are
+    ``METRIC_COLUMNS`` and then ``extra_columns`` (the method's ``metric_columns``)."""
 
-    def __init__(self, out: Path, resume_epoch: int, enabled: bool):
+    def __init__(self, out: Path, resume_epoch: int, enabled: bool, extra_columns: tuple[str, ...] = ()):
         self.enabled = enabled
         self.path = out / "metrics.csv"
+        self.columns = METRIC_COLUMNS + [c for c in extra_columns if c not in METRIC_COLUMNS]
         self.tb = None
         if not enabled:
             return
@@ -22,9 +24,9 @@ class MetricsLog:
             with open(self.path) as f:
                 rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= resume_epoch]
         with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            w = csv.DictWriter(f, fieldnames=self.columns)
             w.writeheader()
-            w.writerows({k: r.get(k, "") for k in METRIC_COLUMNS} for r in rows)
+            w.writerows({k: r.get(k, "") for k in self.columns} for r in rows)
         try:
             from torch.utils.tensorboard import SummaryWriter  # optional dependency
 
@@ -36,7 +38,7 @@ class MetricsLog:
         if not self.enabled:
             return
         with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=METRIC_COLUMNS).writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
+            csv.DictWriter(f, fieldnames=self.columns).writerow({k: row.get(k, "") for k in self.columns})
         if self.tb is not None:
             for k, v in row.items():
                 if k != "epoch" and isinstance(v, (int, float)) and v != "":

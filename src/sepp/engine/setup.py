@@ -15,13 +15,12 @@ from sepp.data.device_loader import DeviceLoader
 from sepp.data.gpu_augment import BatchAugment
 from sepp.data.loader import build_loader
 from sepp.data.pairs import Pairs, check_pairs_match, load_pairs
-from sepp.data.recipes import view_specs
 from sepp.data.sampling import steps_per_epoch as plain_steps_per_epoch
 from sepp.data.transforms import view_transform
 from sepp.errors import SeppError
-from sepp.methods import build_method
+from sepp.methods import build_method, method_view_specs
 from sepp.methods import resolve as resolve_method
-from sepp.methods.optim import lr_at, schedule_steps
+from sepp.methods.optim import lr_at, scale_lr, schedule_steps
 
 
 def resolve(cfg):
@@ -64,7 +63,7 @@ def choose_pipeline(cfg, dataset) -> str:
 
 def build_train_loader(cfg, dataset, device, rank, world, pairs: Pairs | None, images=None):
     """The device-resident path for in-memory datasets, the DataLoader path otherwise."""
-    spec1, spec2 = view_specs(cfg.method, cfg.data.image_size, cfg.data.name)
+    spec1, spec2 = method_view_specs(cfg)
     per_rank = cfg.train.batch_size // world
     common = dict(seed=cfg.seed, rank=rank, world=world, pairs=pairs,
                   mode=cfg.sepp.mode, p=cfg.sepp.p, views=cfg.train.views)
@@ -92,8 +91,10 @@ def set_epoch(loader, epoch: int, seed: int, start_batch: int = 0) -> None:
 
 
 def build_model(cfg, device, world):
+    """The method of ``cfg`` on ``device``: SyncBatchNorm under DDP when ``model.sync_bn`` or the method's own
+    settings ask for it, channels_last when ``train.channels_last``."""
     method = build_method(cfg)
-    if world > 1 and (cfg.model.sync_bn or (cfg.method == "mocov2" and cfg.mocov2.bn == "sync")):
+    if world > 1 and (cfg.model.sync_bn or method.requires_sync_bn):
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     method = method.to(device)
     if cfg.train.channels_last:
@@ -120,7 +121,8 @@ def load_pairs_for(cfg, dataset) -> Pairs:
 
 
 def scaled_lr(cfg) -> float:
-    return cfg.train.lr * (cfg.train.batch_size / 256 if cfg.train.lr_scaling == "linear" else 1.0)
+    """The peak learning rate of a run: ``train.lr`` scaled to ``train.batch_size`` (``train.lr_scaling``)."""
+    return scale_lr(cfg.train.lr, cfg.train.batch_size) if cfg.train.lr_scaling == "linear" else cfg.train.lr
 
 
 def run_schedule(cfg, num_images: int, steps_per_epoch: int, world: int) -> tuple[int, int]:

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from sepp import distributed as D
-from sepp.config import to_yaml
+from sepp.config import write_config
 from sepp.data.datasets import build_dataset
 from sepp.data.pairs import Pairs
 from sepp.errors import SeppError
@@ -124,9 +124,7 @@ def setup(cfg: DictConfig) -> Run:
     if (out / "last.pt").exists() and not cfg.train.resume:
         raise SeppError(f"{out} already holds a run (last.pt); pass train.resume=true to continue it or "
                         "choose another out=DIR")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
+    write_config(cfg, out)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     dataset = build_dataset(cfg.data, split=cfg.data.split)
@@ -135,8 +133,7 @@ def setup(cfg: DictConfig) -> Run:
     if images is not None and device.type == "cuda":
         images = images.to(device)
     method = build_model(cfg, device, world)
-    if hasattr(method, "set_labels"):  # NNCLR: neighbour label agreement per epoch (reporting only)
-        method.set_labels(dataset.labels)
+    method.set_labels(dataset.labels)  # for label-based monitors only (NNCLR's neighbour agreement)
     optimizer = build_optimizer(method, cfg.train, scaled_lr(cfg))
     return Run(cfg, rank, world, local_rank, device, out, dataset, images, method, optimizer, pairs)
 
@@ -175,7 +172,7 @@ def start(run: Run) -> None:
         run.model = torch.compile(run.model)
     run.loader = build_train_loader(run.cfg, run.dataset, run.device, run.rank, run.world, run.pairs, run.images)
     run.total_steps, run.warmup_steps = run_schedule(run.cfg, len(run.dataset), len(run.loader), run.world)
-    run.log = MetricsLog(run.out, run.start_epoch, run.main)
+    run.log = MetricsLog(run.out, run.start_epoch, run.main, run.method.metric_columns)
 
 
 def remine_if_due(run: Run, epoch: int) -> Optional[dict]:
@@ -236,8 +233,7 @@ def end_of_epoch(run: Run, epoch: int, result: Epoch, mine_stats: Optional[dict]
     final = done == cfg.train.epochs or reached_max
     row = {"epoch": done, "step": run.step, "loss": result.loss, "lr": result.lr,
            "samples_per_s": result.seen * run.world / max(result.seconds, 1e-9), "epoch_seconds": result.seconds}
-    if hasattr(run.method, "epoch_metrics"):  # every process calls it (an all-reduce)
-        row.update(run.method.epoch_metrics())
+    row.update(run.method.epoch_metrics())  # every process calls it (it may all-reduce)
     if mine_stats is not None:
         row.update(pairs=mine_stats["num_pairs"], pair_precision=mine_stats.get("precision", ""),
                    pair_coverage=mine_stats["coverage"])

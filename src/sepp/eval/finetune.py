@@ -4,16 +4,15 @@ fixed, class-balanced fraction of the labels; top-1 on the full evaluation split
 Protocol of SimCLR v1 (Chen et al. 2020, Appendix B.5; also VISSL's semi-supervised benchmark): SGD with
 Nesterov momentum 0.9, no weight decay or other regularisation, no warm-up, learning rate
 ``lr x batch / 256`` with a per-step cosine decay to zero, training views = random resized crop + horizontal
-flip only, the head zero-initialised (SimCLR's ``zero_init_logits_layer``), BN in training mode.
-Epochs and learning rates per dataset are in ``RECIPES``; ImageNet's are the paper's (60 epochs on 1 % of
-the labels, 30 on 10 %, lr 0.05 per 256 = 0.8 at batch 4096). For ImageNet, ``eval.label_list`` takes
+flip only, the head zero-initialised (SimCLR's ``zero_init_logits_layer``), BN in training mode (trained by
+:func:`sepp.eval.supervised.fit`). Epochs and learning rates per dataset are in ``FINETUNE_SETTINGS``;
+ImageNet's are the paper's (60 epochs on 1 % of the labels, 30 on 10 %, lr 0.05 per 256 = 0.8 at batch 4096). For ImageNet, ``eval.label_list`` takes
 SimCLR's ``1percent.txt`` / ``10percent.txt`` (one image file name a line) instead of a drawn subset.
 """
 from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from pathlib import Path
 
@@ -21,19 +20,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from sepp.data.transforms import linear_train_transform
 from sepp.errors import SeppError
 from sepp.eval.data import eval_data, eval_input, eval_train_split
-from sepp.eval.linear import accuracy
+from sepp.eval.supervised import accuracy, fit, on_device, shuffled_loader
 from sepp.methods.checkpoint import load_trained
+from sepp.methods.optim import lr_at, scale_lr
 from sepp.models.features import extract_features, labels_of
 
 # dataset: (lr per 256 images, epochs at <= 1 % of the labels, epochs above). ImageNet: SimCLR v1, B.5.
 # The other datasets have no published semi-supervised protocol for these methods; they use SimCLR's
 # ImageNet values, which with a few hundred labelled images mean a few hundred steps.
-RECIPES = {
+FINETUNE_SETTINGS = {
     "imagenet": (0.05, 60, 30),
     "imagenette": (0.05, 60, 30),
     "cifar10": (0.05, 60, 30),
@@ -43,9 +43,9 @@ RECIPES = {
 }
 
 
-def recipe(dataset: str, fraction: float, lr: float = 0.0, epochs: int = 0) -> tuple[float, int]:
-    """``(lr per 256 images, epochs)``: the dataset's ``RECIPES`` entry unless given (> 0)."""
-    base_lr, few, many = RECIPES.get(dataset, RECIPES["imagefolder"])
+def finetune_settings(dataset: str, fraction: float, lr: float = 0.0, epochs: int = 0) -> tuple[float, int]:
+    """``(lr per 256 images, epochs)``: the dataset's ``FINETUNE_SETTINGS`` entry unless given (> 0)."""
+    base_lr, few, many = FINETUNE_SETTINGS.get(dataset, FINETUNE_SETTINGS["imagefolder"])
     return (lr if lr > 0 else base_lr), (epochs if epochs > 0 else (few if fraction <= 0.01 + 1e-9 else many))
 
 
@@ -77,10 +77,6 @@ def label_list_subset(paths: list[str], list_file: str) -> np.ndarray:
     return np.sort(np.asarray([where[n] for n in names], dtype=np.int64))
 
 
-def _cosine(step: int, total: int) -> float:
-    return 0.5 * (1.0 + math.cos(math.pi * step / total))
-
-
 def _feature_dim(net: nn.Module, sample: torch.Tensor) -> int:
     was = net.training
     with torch.no_grad():
@@ -108,30 +104,18 @@ def finetune(backbone: nn.Module, train_data: Dataset, test_data, num_classes: i
     nn.init.zeros_(head.bias)
     model = nn.Sequential(net, head)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=0.0)
-    losses, step = [], 0
+
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp and cuda):
+            return F.cross_entropy(model(x).float(), y)
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        loader = DataLoader(train_data, batch_size=batch_size, shuffle=True, num_workers=workers, pin_memory=cuda,
-                            generator=torch.Generator().manual_seed(seed), drop_last=len(train_data) >= batch_size)
+        loader = shuffled_loader(train_data, batch_size, torch.Generator().manual_seed(seed), workers, cuda)
         total = epochs * len(loader) if max_steps <= 0 else min(max_steps, epochs * len(loader))
         model.train()
-        while step < total:
-            loss_sum, seen = torch.zeros((), device=device), 0
-            for batch in loader:
-                x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-                for group in opt.param_groups:
-                    group["lr"] = lr * _cosine(step, total)
-                with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp and cuda):
-                    loss = F.cross_entropy(model(x).float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.detach() * y.shape[0]
-                seen += y.shape[0]
-                step += 1
-                if step >= total:
-                    break
-            losses.append(loss_sum.item() / max(seen, 1))
+        losses, step = fit(loss_of, lambda: opt, lambda: on_device(loader, device), epochs, total,
+                           lambda s: lr_at(s, total, 0, lr), device)
     model.eval()
     images = test_data[0] if isinstance(test_data, tuple) else test_data
     logits = extract_features(model, images, device, eval_batch_size, amp, normalize)
@@ -155,8 +139,8 @@ def finetune_checkpoint(checkpoint: str, overrides=(), out: str | None = None) -
     else:
         idx = label_subset(train.labels, ev.label_fraction, cfg.seed)
     fraction = len(idx) / len(train) if ev.label_list else float(ev.label_fraction)
-    base_lr, epochs = recipe(cfg.data.name, fraction, ev.finetune_lr, ev.finetune_epochs)
-    lr = base_lr * ev.finetune_batch_size / 256
+    base_lr, epochs = finetune_settings(cfg.data.name, fraction, ev.finetune_lr, ev.finetune_epochs)
+    lr = scale_lr(base_lr, ev.finetune_batch_size)
     aug = train.with_transform(linear_train_transform(cfg.data.image_size, cfg.data.name))
     test_data, normalize = eval_input(test, cfg.data.image_size, cfg.data.name)
     t0 = time.time()

@@ -1,67 +1,73 @@
 """SSL methods (one short module each), their pure-function losses and the memory queue.
 
-Every method is a :class:`sepp.methods.base.Method` built as ``cls(backbone, feat_dim, **hyperparameters)``
-with attributes ``backbone`` and ``projector``, ``forward(x1, x2, ids1, ids2) -> {"loss": ..., ...}``,
-``after_step(progress)`` (momentum/EMA updates, called after each optimizer step) and ``param_groups(base_lr)``.
+Every method is a :class:`sepp.methods.base.Method` (the one description of a method: its hooks, augmentation
+recipe, SyncBN and negatives) built as ``cls(backbone, feat_dim, **hyperparameters)``; ``METHODS`` is the
+registry. The config section of a method is derived from its constructor (:func:`sepp.config.derive_sections`).
 :func:`resolve` completes a config for building a method: the machine's automatic values
 (:func:`sepp.config.fill_auto`), the registry-owned choices of the layers up to this one and the constructor
 defaults of the method sections.
 """
 from __future__ import annotations
 
-import inspect
-
-import torch.nn as nn
 from omegaconf import OmegaConf
 
-from sepp.config import check_choices, fill_auto
+from sepp.config import check_choices, derive_sections, fill_auto, keyword_parameters
 from sepp.data.datasets import DATASETS
+from sepp.data.recipes import ViewSpec, view_specs
 from sepp.data.sampling import MODES
 from sepp.errors import SeppError
 from sepp.methods.base import Method
 from sepp.methods.byol import BYOL
-from sepp.methods.mocov2 import BN_MODES, MoCoV2
+from sepp.methods.mocov2 import MoCoV2
 from sepp.methods.nnclr import NNCLR
 from sepp.methods.optim import OPTIMIZERS
 from sepp.methods.simclr import SimCLR
 from sepp.methods.simsiam import SimSiam
 from sepp.models.backbones import BACKBONES, build_backbone
 
+# The registry: adding a method is its module plus one line here.
 METHODS: dict[str, type[Method]] = {"mocov2": MoCoV2, "simsiam": SimSiam, "simclr": SimCLR, "byol": BYOL,
                                     "nnclr": NNCLR}
-# Config keys whose values name an entry of a registry at this layer or below.
+DEFAULT_METHOD = "mocov2"  # `method` when a config names none
+derive_sections(METHODS)  # the config sections `<name>:` with each constructor's keyword arguments
+# Config keys whose values name an entry of a registry at this layer or below (the methods' own
+# hyperparameter choices, ``Method.choices``, are added by :func:`resolve`).
 CONFIG_CHOICES = {"method": METHODS, "data.name": DATASETS, "transfer.data.name": DATASETS,
-                  "model.backbone": BACKBONES, "sepp.mode": MODES, "train.optimizer": OPTIMIZERS,
-                  "mocov2.bn": BN_MODES}
+                  "model.backbone": BACKBONES, "sepp.mode": MODES, "train.optimizer": OPTIMIZERS}
 
 
 def hyperparameter_names(cls: type) -> list[str]:
     """The keyword hyperparameters a method's constructor accepts."""
-    params = inspect.signature(cls.__init__).parameters
-    return [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    return list(keyword_parameters(cls))
 
 
 def hyperparameter_defaults(cls: type) -> dict:
     """The constructor's default of every keyword hyperparameter: the one home of method defaults (the
-    config schema's method sections are null until :func:`resolve` copies these in)."""
-    params = inspect.signature(cls.__init__).parameters
-    return {n: p.default for n, p in params.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
+    config's method sections are null until :func:`resolve` copies these in)."""
+    return {n: p.default for n, p in keyword_parameters(cls).items() if p.default is not p.empty}
+
+
+def method_choices() -> dict[str, tuple]:
+    """``"<method>.<hyperparameter>" -> allowed values`` of every registered method (``Method.choices``)."""
+    return {f"{name}.{key}": allowed for name, cls in METHODS.items() for key, allowed in cls.choices.items()}
 
 
 def resolve(cfg):
     """A copy of ``cfg`` with every automatic value filled in (what gets saved as config.yaml): the machine's
-    (:func:`sepp.config.fill_auto`), ``model.sync_bn`` (on under DDP on CUDA for methods whose paper
-    synchronises BN) and each method section's nulls (the constructor's defaults). Raises one line for a
-    value outside its registry, or known positives asked of a method without negatives."""
-    check_choices(cfg, CONFIG_CHOICES)
+    (:func:`sepp.config.fill_auto`), ``method`` (``DEFAULT_METHOD`` when unset), ``model.sync_bn`` (on under
+    DDP on CUDA for methods whose paper synchronises BN) and each method section's nulls (the constructor's
+    defaults). Raises one line for a value outside its registry, or known positives asked of a method without
+    negatives."""
+    check_choices(cfg, {**CONFIG_CHOICES, **method_choices()})
     cfg = fill_auto(cfg)
+    if cfg.method is None:
+        cfg.method = DEFAULT_METHOD
     cls = METHODS[cfg.method]
     if cfg.model.sync_bn is None:
         cfg.model.sync_bn = cls.sync_bn and cfg.device == "cuda"
     for key in ("batch_positives", "mask_negatives"):
-        if cfg.sepp[key] and not cls.has_negatives():
-            with_negatives = ", ".join(n for n, c in METHODS.items() if c.has_negatives())
+        if cfg.sepp[key] and not cls.has_negatives:
+            with_negatives = ", ".join(n for n, c in METHODS.items() if c.has_negatives)
             raise SeppError(f"sepp.{key}=true needs a method with negatives ({with_negatives}); "
                             f"{cfg.method} has none")
     for name, method_cls in METHODS.items():  # null -> the constructor's default, so config.yaml shows what runs
@@ -71,6 +77,12 @@ def resolve(cfg):
                 if key in section and section[key] is None:
                     section[key] = value
     return cfg
+
+
+def method_view_specs(cfg) -> tuple[ViewSpec, ViewSpec]:
+    """The two view distributions ``cfg.method`` trains with (its ``augmentation`` recipe) at
+    ``data.image_size``."""
+    return view_specs(METHODS[cfg.method].augmentation, cfg.data.image_size, cfg.data.name)
 
 
 def build_method(cfg) -> Method:
@@ -92,4 +104,6 @@ def build_method(cfg) -> Method:
     return cls(backbone, feat_dim, **hparams)
 
 
-__all__ = ["METHODS", "CONFIG_CHOICES", "Method", "build_method", "resolve", "hyperparameter_defaults", "hyperparameter_names", "MoCoV2", "SimSiam", "SimCLR", "BYOL", "NNCLR"]
+__all__ = ["METHODS", "DEFAULT_METHOD", "CONFIG_CHOICES", "Method", "build_method", "resolve",
+           "method_view_specs", "method_choices", "hyperparameter_defaults", "hyperparameter_names", "MoCoV2",
+           "SimSiam", "SimCLR", "BYOL", "NNCLR"]

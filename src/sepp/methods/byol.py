@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn as nn
 
+from sepp.data.recipes import Recipe
 from sepp.methods.base import Method
 from sepp.methods.losses import byol_loss, predictive_views
 from sepp.methods.queue import ema_update, frozen_copy
@@ -25,6 +26,10 @@ def byol_tau(tau_base: float, progress: float) -> float:
 
 
 class BYOL(Method):
+    # the paper's, asymmetric: view 1 blur p=1.0 solarize p=0, view 2 blur p=0.1 solarize p=0.2; jitter
+    # 0.4/0.4/0.2/0.1 p=0.8, grayscale p=0.2, crop 0.08-1
+    augmentation = Recipe(crop_scale=(0.08, 1.0), brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
+                          blur_p=(1.0, 0.1), solarize_p=(0.0, 0.2))
     sync_bn = True  # the paper synchronises BN across devices
 
     def __init__(self, backbone: nn.Module, feat_dim: int, *, proj_hidden_dim: int = 4096, proj_dim: int = 256,

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sepp import distributed as D
+from sepp.data.recipes import Recipe
 from sepp.errors import SeppError
 from sepp.methods.base import Method
 from sepp.methods.known import KnownPositives
@@ -33,6 +34,13 @@ BN_MODES = ("shuffle", "sync", "none")
 
 
 class MoCoV2(Method):
+    # facebookresearch/moco --aug-plus: crop 0.2-1, jitter 0.4/0.4/0.4/0.1 p=0.8, grayscale p=0.2, blur
+    # sigma 0.1-2 p=0.5, flip
+    augmentation = Recipe(crop_scale=(0.2, 1.0), brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
+                          blur_p=(0.5, 0.5))
+    has_negatives = True
+    choices = {"bn": BN_MODES}
+
     def __init__(self, backbone: nn.Module, feat_dim: int, *, proj_hidden_dim: int = 2048, proj_dim: int = 128,
                  queue_size: int = 65536, temperature: float = 0.2, momentum: float = 0.999,
                  symmetric: bool = False, bn: str = "shuffle", bn_splits: int = 1):
@@ -55,9 +63,12 @@ class MoCoV2(Method):
         self.temperature, self.momentum, self.symmetric, self.bn_mode = temperature, momentum, symmetric, bn
         self.known = KnownPositives()
 
+    @property
+    def requires_sync_bn(self) -> bool:
+        return self.bn_mode == "sync"
+
     def set_known_positives(self, i, j, num_images: int, positives: bool = False) -> None:
-        """Register known positive pairs (int64 endpoints, tensors or arrays) among ``num_images`` images;
-        from then on a query's own image and its partners are removed from its queue negatives (or, with
+        """A query's own image and its partners are removed from its queue negatives (or, with
         ``positives``, are positives of the query)."""
         self.known.set(i, j, num_images, positives)
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from sepp import distributed as D
 from sepp.methods.base import Method
+from sepp.methods.byol import BYOL
 from sepp.methods.losses import predictive_views
 from sepp.methods.queue import MemoryQueue
 from sepp.models.heads import mlp
@@ -62,7 +63,9 @@ def nearest_neighbour(z: torch.Tensor, keys: torch.Tensor, written: torch.Tensor
 
 
 class NNCLR(Method):
+    augmentation = BYOL.augmentation  # NNCLR trains with BYOL's augmentations (its paper)
     sync_bn = True  # the paper synchronises BN across devices
+    metric_columns = ("nn_agreement",)
 
     def __init__(self, backbone: nn.Module, feat_dim: int, *, proj_hidden_dim: int = 2048, proj_dim: int = 256,
                  pred_hidden_dim: int = 4096, queue_size: int = 98304, temperature: float = 0.1):

@@ -1,4 +1,5 @@
-"""Optimizers and the learning-rate schedule.
+"""Optimizers, the one learning-rate schedule (:func:`lr_at`: pretraining, the linear probe and fine-tuning)
+and the one batch-size scaling of a learning rate (:func:`scale_lr`).
 
 LARS (You et al. 2017, Eq. 6) in solo-learn's form (``solo/utils/lars.py``): SGD with momentum whose per-layer
 step is scaled by a trust ratio ``trust = ||w|| / (||g|| + wd * ||w|| + eps)`` (SimCLR's and BYOL's TF/JAX code
@@ -68,10 +69,10 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def build_optimizer(method: nn.Module, train_cfg, lr: float) -> torch.optim.Optimizer:
-    """SGD or LARS over the method's parameter groups. Groups a method marks ``fix_lr`` keep ``lr`` (SimSiam's
-    predictor); for LARS, biases and norm parameters go to an excluded group without decay/adaptation."""
-    groups = method.param_groups(lr) if hasattr(method, "param_groups") else [
-        {"name": "all", "params": [p for p in method.parameters() if p.requires_grad]}]
+    """SGD or LARS over ``method.param_groups(lr)`` (see :class:`sepp.methods.base.Method`). Groups a method
+    marks ``fix_lr`` keep ``lr`` (SimSiam's predictor); for LARS, biases and norm parameters go to an
+    excluded group without decay/adaptation."""
+    groups = method.param_groups(lr)
     wd = train_cfg.weight_decay
     if train_cfg.optimizer == "sgd":
         for g in groups:
@@ -117,6 +118,13 @@ def lr_at(t: float, total: float, warmup: float, base_lr: float, min_lr: float =
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def scale_lr(lr: float, batch_size: int) -> float:
+    """``lr`` given per 256 images, at ``batch_size`` images per step: ``lr x batch_size / 256`` (the linear
+    scaling rule, Goyal et al. 2017)."""
+    return lr * batch_size / 256
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, base_lr: float) -> None:
+    """Every group's rate to ``lr``, except groups marked ``fix_lr``, which get ``base_lr``."""
     for g in optimizer.param_groups:
         g["lr"] = base_lr if g.get("fix_lr") else lr

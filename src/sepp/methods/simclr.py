@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from sepp import distributed as D
+from sepp.data.recipes import Recipe
 from sepp.methods.base import Method
 from sepp.methods.known import KnownPositives
 from sepp.methods.losses import nt_xent_views
@@ -24,7 +25,11 @@ from sepp.models.heads import mlp
 
 
 class SimCLR(Method):
+    # the paper's: crop 0.08-1, jitter 0.8 x s with s=1 (0.8/0.8/0.8/0.2) p=0.8, grayscale p=0.2, blur p=0.5
+    augmentation = Recipe(crop_scale=(0.08, 1.0), brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
+                          blur_p=(0.5, 0.5))
     sync_bn = True  # the paper synchronises BN across devices
+    has_negatives = True
 
     def __init__(self, backbone: nn.Module, feat_dim: int, *, proj_hidden_dim: int = 2048, proj_dim: int = 128,
                  temperature: float = 0.1):

@@ -13,11 +13,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sepp.methods.base import Method
+from sepp.methods.mocov2 import MoCoV2
 from sepp.methods.losses import negative_cosine, predictive_views
 from sepp.models.heads import mlp
 
 
 class SimSiam(Method):
+    augmentation = MoCoV2.augmentation  # facebookresearch/simsiam: MoCo-v2's --aug-plus
     sync_bn = True  # the paper synchronises BN across devices
 
     def __init__(self, backbone: nn.Module, feat_dim: int, *, proj_hidden_dim: int = 2048, proj_dim: int = 2048,

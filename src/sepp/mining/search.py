@@ -276,32 +276,16 @@ def _order_rows(sim: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, n
     return idx.astype(np.int64), sim.astype(np.float32)
 
 
-def topk_faiss(emb, k: int, nlist: int | None = None, nprobe: int | None = None, use_gpu="auto",
-               exclude_self: bool = True, *, chunk_size: int = 16384, rank: int = 0, world: int = 1
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Approximate top-k with FAISS on inner product (rows L2-normalised). Same outputs as ``topk_exact``;
-    a row with fewer than k neighbours found (tiny ``nprobe``) is padded with idx -1, sim -inf.
-
-    ``nlist``: IVF cells; ``None`` -> exact ``IndexFlatIP`` below ``FLAT_BELOW`` images, else
-    ``4 * sqrt(N)``; ``0`` -> flat. ``nprobe``: cells visited per query (default ``max(8, nlist // 16)``).
-    ``use_gpu``: ``"auto"`` uses GPU FAISS when it is installed and sees a GPU.
-    Under torchrun each rank builds the index and searches its block of query rows.
-    """
-    faiss = _import_faiss()
-    emb_np = emb.detach().float().cpu().numpy() if isinstance(emb, Tensor) else emb
+def _faiss_index(faiss, emb_np: np.ndarray, nlist: int, nprobe: int | None, use_gpu, chunk_size: int):
+    """``(index, GPU resources or None)``: a flat (``nlist <= 1``) or trained IVF inner-product index holding
+    every row of ``emb_np``, on the GPU when ``use_gpu`` says so (see :func:`topk_faiss`)."""
     n, d = emb_np.shape
-    k = clip_k(k, n, exclude_self)
-    lo, hi = shard_range(n, rank, world)
-    if nlist is None:
-        nlist = 0 if n < FLAT_BELOW else int(round(4 * math.sqrt(n)))
-    nlist = min(int(nlist), max(1, n // 39))  # FAISS k-means wants >= 39 points per centroid
     gpu = use_gpu
     if gpu == "auto":
         gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     elif gpu and not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
         raise SeppError("use_gpu=True but this FAISS build has no GPU support or sees no GPU; "
                         "install faiss-gpu or use use_gpu='auto'")
-
     if nlist <= 1:
         index = faiss.IndexFlatIP(d)
     else:
@@ -318,7 +302,29 @@ def topk_faiss(emb, k: int, nlist: int | None = None, nprobe: int | None = None,
         index.nprobe = int(nprobe) if nprobe else max(8, nlist // 16)
     for s in range(0, n, chunk_size):
         index.add(np.ascontiguousarray(emb_np[s:s + chunk_size], dtype=np.float32))
+    return index, res
 
+
+def topk_faiss(emb, k: int, nlist: int | None = None, nprobe: int | None = None, use_gpu="auto",
+               exclude_self: bool = True, *, chunk_size: int = 16384, rank: int = 0, world: int = 1
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate top-k with FAISS on inner product (rows L2-normalised). Same outputs as ``topk_exact``;
+    a row with fewer than k neighbours found (tiny ``nprobe``) is padded with idx -1, sim -inf.
+
+    ``nlist``: IVF cells; ``None`` -> exact ``IndexFlatIP`` below ``FLAT_BELOW`` images, else
+    ``4 * sqrt(N)``; ``0`` -> flat. ``nprobe``: cells visited per query (default ``max(8, nlist // 16)``).
+    ``use_gpu``: ``"auto"`` uses GPU FAISS when it is installed and sees a GPU.
+    Under torchrun each rank builds the index and searches its block of query rows.
+    """
+    faiss = _import_faiss()
+    emb_np = emb.detach().float().cpu().numpy() if isinstance(emb, Tensor) else emb
+    n = emb_np.shape[0]
+    k = clip_k(k, n, exclude_self)
+    lo, hi = shard_range(n, rank, world)
+    if nlist is None:
+        nlist = 0 if n < FLAT_BELOW else int(round(4 * math.sqrt(n)))
+    nlist = min(int(nlist), max(1, n // 39))  # FAISS k-means wants >= 39 points per centroid
+    index, res = _faiss_index(faiss, emb_np, nlist, nprobe, use_gpu, chunk_size)  # res: keep GPU memory alive
     kq = min(n, k + int(exclude_self))
     idx = np.empty((hi - lo, k), np.int64)
     sim = np.empty((hi - lo, k), np.float32)
