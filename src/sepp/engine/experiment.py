@@ -29,7 +29,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from sepp import distributed as dist_utils
+from sepp import distributed as D
+from sepp.config import write_config
 from sepp.data.pairs import Pairs, load_pairs
 from sepp.data.sampling import steps_per_epoch
 from sepp.errors import SeppError
@@ -128,9 +129,7 @@ def run_experiment(cfg: DictConfig, progress: bool = True) -> dict:
     """The five phases of the module docstring; returns the results (also in ``results.json``)."""
     cfg = without_labels(resolve(cfg), evals=True)
     out = Path(cfg.out)
-    if dist_utils.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    write_config(cfg, out)
     seeds = [int(x) for x in cfg.run.seeds] or [int(cfg.seed)]
     seconds: dict = {}
     phase1, phase1_ckpt = _baseline_phase(cfg, out, progress, seconds)
@@ -145,9 +144,9 @@ def run_experiment(cfg: DictConfig, progress: bool = True) -> dict:
             seconds[name] = seconds.get(name, 0.0) + entry.pop("train_seconds")
     seconds["eval"] = sum(e["eval_seconds"] for entries in runs.values() for e in entries)
     results = _results(cfg, out, seeds, runs, pairs, stats, seconds)
-    if dist_utils.is_main():
+    if D.is_main():
         _write_outputs(cfg, out, results, runs, stats)
-    dist_utils.barrier()
+    D.barrier()
     return _as_json(cfg, results)
 
 
@@ -208,7 +207,7 @@ def _seed_arms(cfg, seed: int, where: Path, out: Path, phase1, phase1_ckpt: str,
 def _matched_arms(cfg, seed: int, where: Path, out: Path, phase1, sepp_run: dict, init, progress: bool) -> dict:
     """4. the baseline for the SePP arm's budget (phase 1 when it already has it) and the control."""
     if cfg.run.budget == "steps":
-        world = dist_utils.get_world_size()
+        world = D.get_world_size()
         per_epoch = steps_per_epoch(sepp_run["num_images"], world, cfg.train.batch_size // world)
         b_epochs, b_steps = math.ceil(sepp_run["steps"] / per_epoch), sepp_run["steps"]
     else:
@@ -256,12 +255,12 @@ def _evaluate(ckpt: Path, cfg: DictConfig, pairs: Pairs, pairs_path: Path, title
     todo = [e for e in cfg.run.evals if e in SCORES and cached.get(SCORES[e][0]) is None]
     digest = pairs.digest()
     t0 = time.time()
-    if dist_utils.is_main() and (todo or digest not in cached["pair_cosine"] or "model" not in cached):
+    if D.is_main() and (todo or digest not in cached["pair_cosine"] or "model" not in cached):
         cached.update(_compute(ckpt, cfg, todo, pairs_path if digest not in cached["pair_cosine"] else None))
         if "new_pair_cosine" in cached:
             cached["pair_cosine"][digest] = {**cached.pop("new_pair_cosine"), **_diagnostic(pairs.meta)}
         write_json(path, cached)
-    cached = dist_utils.broadcast_object(cached)
+    cached = D.broadcast_object(cached)
     return {**cached, "pair_cosine": cached["pair_cosine"].get(digest), "seconds": time.time() - t0}
 
 
@@ -326,7 +325,7 @@ def _results(cfg: DictConfig, out: Path, seeds: list, runs: dict, pairs: Pairs, 
                   for other in ("baseline", "control") if other in arms}
     return ExperimentResults(
         dataset=model["dataset"], method=model["method"], backbone=model["backbone"],
-        num_images=runs["sepp"][0]["num_images"], device=model["device"], world_size=dist_utils.get_world_size(),
+        num_images=runs["sepp"][0]["num_images"], device=model["device"], world_size=D.get_world_size(),
         seeds=seeds, out=str(out), arms=arms, mining=_mining_summary(pairs, stats), budget=cfg.run.budget,
         seconds=seconds, evals=list(cfg.run.evals), difference=difference,
         diagnostic=_diagnostic(pairs.meta).get("diagnostic"))
@@ -384,7 +383,7 @@ def _as_json(cfg: DictConfig, results: ExperimentResults) -> dict:
 
 def _embed_pictures(cfg: DictConfig, runs: dict, out: Path) -> str | None:
     """``embed.png``: 2-D embeddings of the evaluation split, the first seed's arms side by side."""
-    if "embed_plot" not in cfg.run.evals or not dist_utils.is_main():
+    if "embed_plot" not in cfg.run.evals or not D.is_main():
         return None
     ckpts = {ARM[n].label: str(Path(entries[0]["dir"]) / "last.pt") for n, entries in runs.items()}
     embed_plot_checkpoints(ckpts, [f"device={cfg.device}", f"data.root={cfg.data.root}"], out=str(out / "embed.png"))
