@@ -7,12 +7,12 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import sepp, torch, torchvision, pytest, hypothesis, faiss, omegaconf, sklearn" 2>/dev/null; then
+if ! .venv/bin/python -c "import sepp, torch, torchvision, pytest, xdist, hypothesis, faiss, omegaconf, sklearn" 2>/dev/null; then
   .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
   # torch/torchvision pinned to the builds this machine serves; the package itself accepts torch>=2.4
   .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import sepp, torch, torchvision, pytest, hypothesis, faiss, omegaconf, sklearn"
+  .venv/bin/python -c "import sepp, torch, torchvision, pytest, xdist, hypothesis, faiss, omegaconf, sklearn"
 fi
 DATA=${SEPP_DATA:-data}
 if [ ! -f "$DATA/cifar-10-batches-py/data_batch_1" ]; then

@@ -10,6 +10,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N` (scripts/test.sh): one process per core, one thread each
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # and the processes the tests start
+
 
 def _cifar_root() -> Path:
     root = Path(os.environ.get("SEPP_DATA", REPO / "data"))

@@ -1,13 +1,15 @@
-"""One short NNCLR pretraining on real CIFAR-10, shared by the NNCLR learning test and the evaluation-suite
-tests (fine-tuning, transfer, embedding pictures, mining with an encoder file): trained once per test session.
+"""One short NNCLR pretraining on real CIFAR-10, shared by the NNCLR learning tests and the evaluation-suite
+tests that need any trained checkpoint (the fine-tuning command, embedding pictures, mining with an encoder
+file): trained once per test session (per pytest-xdist worker; ``USES_RUN`` keeps its tests on one).
 
-The narrow ResNet-18 keeps torchvision's 7x7/2 stem with max-pooling (``model.cifar_stem=false``, as in every tiny config): on
-32 px images that is ~16x fewer multiply-adds than the 3x3 CIFAR stem, which buys NNCLR -- slower to start
-than SimCLR, because its positives are stored projections of *other* images -- the few hundred optimizer
-steps it needs to clear initialisation by a margin within the test budget.
+The narrow ResNet-18 keeps torchvision's 7x7/2 stem with max-pooling (``model.cifar_stem=false``, as every
+tiny config does): on 32 px images that is ~16x fewer multiply-adds than the 3x3 CIFAR stem, which buys
+NNCLR -- slower to start than SimCLR, because its positives are stored projections of *other* images -- the
+few hundred optimizer steps it needs to clear initialisation by a margin within the test budget.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import tiny_overrides
@@ -16,6 +18,8 @@ SUBSET = 4000
 EVAL_SUBSET = 2000
 EPOCHS = 20  # 300 steps of 256 images
 _CACHE: dict = {}
+# the tests that use the run: one pytest-xdist worker takes them all (`--dist loadgroup`), so it trains once
+USES_RUN = pytest.mark.xdist_group("nnclr_run")
 
 
 def nnclr_overrides(root, out, **extra) -> list[str]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnclr_run import EVAL_SUBSET, SUBSET, pretrained_nnclr
+from nnclr_run import SUBSET, USES_RUN, pretrained_nnclr
 from sepp.errors import SeppError
 from sepp.eval.finetune import finetune, finetune_settings, label_list_subset, label_subset
 from sepp.eval.transfer import c_grid, default_metric, fit_logistic, scores, select_and_fit
@@ -206,6 +206,7 @@ def test_finetuning_on_10_percent_beats_training_from_scratch(strong_encoder, ci
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*md5.*:UserWarning")
+@USES_RUN
 def test_finetune_command_stores_the_labelled_subset(run, cifar_root, tmp_path):
     from sepp.cli import main
     from sepp.data.datasets import build_dataset, subset_indices
@@ -248,6 +249,7 @@ def test_transfer_to_imagenette_beats_a_random_network(strong_encoder, imagenett
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*md5.*:UserWarning")
+@USES_RUN
 def test_mining_with_exported_state_dict_gives_the_checkpoints_pairs(run, cifar_root, tmp_path):
     from sepp.cli import main
     from sepp.methods.checkpoint import config_from_checkpoint, file_hash, load_checkpoint
@@ -281,6 +283,7 @@ def test_mining_with_exported_state_dict_gives_the_checkpoints_pairs(run, cifar_
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*md5.*:UserWarning")
+@USES_RUN
 def test_embed_plot_command_draws_the_evaluation_split(run, tmp_path):
     from sepp.cli import main
 

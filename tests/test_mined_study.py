@@ -120,10 +120,10 @@ def test_label_headroom_starts_from_the_encoders_backbone(tiny_mined):
     from sepp.methods.checkpoint import load_checkpoint
     from sepp.models.backbones import build_backbone
 
-    ckpt = tiny_mined[0]
-    backbone, _ = build_backbone("resnet18_narrow", True)
-    headroom.init_backbone(backbone, str(ckpt))
-    state = load_checkpoint(ckpt)["model"]
+    ckpt = load_checkpoint(tiny_mined[0])
+    backbone, _ = build_backbone("resnet18_narrow", ckpt["config"]["model"]["cifar_stem"])
+    headroom.init_backbone(backbone, str(tiny_mined[0]))
+    state = ckpt["model"]
     for key, value in backbone.state_dict().items():
         assert torch.equal(value, state[f"backbone.{key}"])
 

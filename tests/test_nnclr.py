@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nnclr_run import SUBSET, nnclr_overrides, pretrained_nnclr
+from nnclr_run import SUBSET, USES_RUN, nnclr_overrides, pretrained_nnclr
 from sepp.config import load_config
 from sepp.engine.setup import resolve
 from sepp.methods import METHODS, build_method
@@ -130,6 +130,7 @@ def test_config_builds_nnclr_with_cifar_values():
     assert (paper.temperature, paper.queue_size, paper.proj_dim, paper.pred_hidden_dim) == (0.1, 98304, 256, 4096)
 
 
+@USES_RUN
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*md5.*:UserWarning")
 def test_short_training_beats_initialisation_by_5_points(cifar_root, tmp_path_factory):
@@ -142,6 +143,7 @@ def test_short_training_beats_initialisation_by_5_points(cifar_root, tmp_path_fa
     assert agreement[-1] > 0.12, agreement
 
 
+@USES_RUN
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*md5.*:UserWarning")
 def test_trains_with_semantic_pairs(cifar_root, tmp_path_factory, tmp_path):

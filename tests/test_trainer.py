@@ -145,7 +145,7 @@ def test_sigint_saves_resumable_checkpoint(cifar_root, tmp_path):
 
 def test_export_loads_into_plain_torchvision_resnet(cifar_root, tmp_path):
     cfg = _cfg(cifar_root, tmp_path, subset=64, batch=32, **{"model.backbone": "resnet18",
-                                                              "train.max_steps": 1})
+                                                              "model.cifar_stem": True, "train.max_steps": 1})
     pretrain(cfg, progress=False)
     out = tmp_path / "backbone.pt"
     assert cli(["export", "--checkpoint", str(tmp_path / "last.pt"), "--out", str(out)]) == 0
