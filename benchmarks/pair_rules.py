@@ -18,7 +18,7 @@ others (where they are reported), and the label-free quality signal ``consistenc
 shared top-k neighbours of a pair's two images, :func:`sepp.mining.stats.neighbourhood_consistency`).
 
     python benchmarks/pair_rules.py --encoder ../shared/encoders/simclr_narrow_cifar10_50k_10ep.pt \
-        --encoder logs/enc2_50k_s1/last.pt --out logs/rules
+        --encoder logs/enc_demo_s1/last.pt --subset 0 --out logs/rules   # both over all 50,000 images
     python benchmarks/pair_rules.py --mined E1=logs/pairs/e1_k20/pairs.npz --out logs/rules   # no flip rules
 
 ``--mined NAME=pairs.npz`` reads the top-k lists from a `sepp mine` file that kept every image's k nearest
@@ -51,9 +51,12 @@ from sepp.mining.search import topk
 from sepp.mining.stats import neighbourhood_consistency, shared_neighbours
 
 
-def embeddings(path: str, root: str | None, flip: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(features, features averaged with the flipped image's, labels)`` of the training split."""
-    overrides = ["device=cpu"] + ([f"data.root={root}"] if root else [])  # the images the encoder was trained on
+def embeddings(path: str, root: str | None, flip: bool, subset: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(features, features averaged with the flipped image's, labels)`` of the training split: the images
+    the encoder was trained on, or ``subset`` of them (0: the whole split)."""
+    overrides = ["device=cpu"] + ([f"data.root={root}"] if root else []) + (
+        [f"data.subset={subset}"] if subset is not None else [])
     cfg = encoder_config(path, None, overrides)
     encoder, _ = load_encoder(path)
     ds = build_dataset(cfg.data, cfg.data.split)
@@ -120,7 +123,7 @@ def searches(args):
         yield name, [("", idx[:, :args.k], sim[:, :args.k])], training_labels(args.root, meta)
     for path in args.encoder:
         name = Path(path).parent.name if Path(path).name == "last.pt" else Path(path).stem
-        plain, avg, labels = embeddings(path, args.root, args.flip)
+        plain, avg, labels = embeddings(path, args.root, args.flip, args.subset)
         found = [(prefix, *topk(emb, args.k, "exact", device="cpu"))
                  for prefix, emb in ((("", plain), ("flip_", avg)) if args.flip else (("", plain),))]
         yield name, found, labels
@@ -137,8 +140,9 @@ def training_labels(root: str | None, meta: dict) -> np.ndarray:
 
 
 def run(args) -> list[dict]:
-    rows, knn = [], {}
+    rows, knn, images = [], {}, {}
     for name, found, labels in searches(args):
+        images[name] = labels
         t0 = time.time()
         n = len(labels)
         choice = np.random.default_rng(12345).random(n) < args.choice_fraction
@@ -149,7 +153,10 @@ def run(args) -> list[dict]:
                 rows.append(score(rule, i, j, labels, n, choice, idx, name))
         print(f"{name}: {time.time() - t0:.0f} s", flush=True)
     for (a, ia), (b, ib) in itertools.combinations(knn.items(), 2):
-        for kk in (1, 5, 10, 20):
+        if not np.array_equal(images[a], images[b]):
+            raise SeppError(f"{a} and {b} searched other images (their training subsets differ), so their pairs "
+                            "cannot be compared; pass --subset 0 (or the same subset) for every encoder")
+        for kk in sorted({kk for kk in (1, 5, 10, 20) if kk < ia.shape[1]} | {ia.shape[1]}):
             i, j, _ = select_pairs(ia, np.zeros(ia.shape, np.float32), kk, -1.0)
             keep = np.isin(i * n + j, _codes(ib[:, :kk], n))
             rows.append(score(f"agree top-{kk} with {b}", i[keep], j[keep], labels, n, choice, ia, a))
@@ -207,6 +214,8 @@ def main(argv=None) -> int:
     p.add_argument("--encoder", action="append", default=[], help="encoder file (repeat for several)")
     p.add_argument("--mined", action="append", default=[], help="NAME=pairs.npz with every image's top-k list")
     p.add_argument("--root", default=None, help="data.root (default: the checkpoint's config / $SEPP_DATA)")
+    p.add_argument("--subset", type=int, default=None,
+                   help="data.subset for every --encoder (default: each encoder's own; 0: the whole split)")
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--choice-fraction", type=float, default=0.1)
     p.add_argument("--no-flip", dest="flip", action="store_false")

@@ -59,6 +59,24 @@ def test_pair_rules_from_an_encoder_equal_those_from_its_mined_file(tiny_mined, 
     assert (tmp_path / "a" / "rules.png").stat().st_size > 0
 
 
+def test_pair_rules_compare_encoders_only_on_the_same_images(tiny_mined, cifar_root, tmp_path):
+    """Two encoders trained on different subsets: their agreement is refused unless --subset gives both the
+    same images; then every row counts pairs over those images."""
+    rules = _benchmark("pair_rules")
+    other = tmp_path / "enc96"
+    cli(["pretrain", "--config", "demo",
+         *tiny_overrides(cifar_root, other, method="simclr", subset=96, batch=32), "train.max_steps=1"])
+    common = ["--k", "3", "--root", str(cifar_root), "--no-flip", "--encoder", str(tiny_mined[0]),
+              "--encoder", str(other / "last.pt")]
+    with pytest.raises(SeppError, match="--subset"):
+        rules.main([*common, "--out", str(tmp_path / "a")])
+    rules.main([*common, "--subset", "96", "--out", str(tmp_path / "b")])
+    rows = json.loads((tmp_path / "b" / "rules.json").read_text())
+    agree = [r for r in rows if r["rule"].startswith("agree top-3")]
+    assert len(agree) == 1 and 0 < agree[0]["pairs"] <= 3 * 96
+    assert all(r["per_image"] == pytest.approx(r["pairs"] / 96) for r in rows)
+
+
 def test_shared_neighbours_and_consistency_by_hand():
     idx = np.array([[1, 2, 3], [0, 2, 3], [5, 6, 7], [-1, -1, -1]])
     assert shared_neighbours(idx, np.array([0, 0, 2]), np.array([1, 2, 3])).tolist() == [2, 0, 0]
