@@ -7,7 +7,9 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import sepp, torch, torchvision, pytest, xdist, hypothesis, faiss, omegaconf, sklearn" 2>/dev/null; then
+# (pytest < 9 as pyproject.toml pins it: under pytest 9 xdist's --dist loadgroup does not group)
+if ! .venv/bin/python -c "import sepp, torch, torchvision, pytest, xdist, hypothesis, faiss, omegaconf, sklearn
+assert int(pytest.__version__.split('.')[0]) < 9" 2>/dev/null; then
   .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
   # torch/torchvision pinned to the builds this machine serves; the package itself accepts torch>=2.4
   .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "^WARNING: Location" || true
