@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from sepp.config import load_config
 from sepp.data.datasets import build_dataset
@@ -44,6 +45,7 @@ from sepp.data.pairs import load_pairs
 from sepp.errors import SeppError
 from sepp.data.recipes import mean_std
 from sepp.data.transforms import uint8_normalizer
+from sepp.eval.knn import knn_top1
 from sepp.mining.embed import embed
 from sepp.mining.encoder import encoder_config, load_encoder
 from sepp.mining.pairs import select_pairs
@@ -52,9 +54,11 @@ from sepp.mining.stats import neighbourhood_consistency, shared_neighbours
 
 
 def embeddings(path: str, root: str | None, flip: bool, subset: int | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(features, features averaged with the flipped image's, labels)`` of the training split: the images
-    the encoder was trained on, or ``subset`` of them (0: the whole split)."""
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """``(features, features averaged with the flipped image's, labels, kNN)`` of the training split: the
+    images the encoder was trained on, or ``subset`` of them (0: the whole split). ``kNN`` is the weighted kNN
+    top-1 (percent; ``eval.knn_k``, ``eval.knn_t``) of the test split with those images as memory: the
+    encoder's strength on the same features the rules search."""
     overrides = ["device=cpu"] + ([f"data.root={root}"] if root else []) + (
         [f"data.subset={subset}"] if subset is not None else [])
     cfg = encoder_config(path, None, overrides)
@@ -63,12 +67,17 @@ def embeddings(path: str, root: str | None, flip: bool, subset: int | None = Non
     images = ds.uint8_images()
     norm = uint8_normalizer(*mean_std(cfg.data.name))
     plain = embed(encoder, images, "cpu", normalize=norm)
+    labels = np.asarray(ds.labels)
+    test = build_dataset(OmegaConf.merge(cfg.data, {"subset": cfg.data.eval_subset}), cfg.data.eval_split)
+    knn = knn_top1(torch.from_numpy(plain), torch.from_numpy(labels),
+                   torch.from_numpy(embed(encoder, test.uint8_images(), "cpu", normalize=norm)),
+                   torch.as_tensor(np.asarray(test.labels)), len(test.classes), cfg.eval.knn_k, cfg.eval.knn_t)
     if not flip:
-        return plain, plain, np.asarray(ds.labels)
+        return plain, plain, labels, knn
     flipped = embed(encoder, torch.flip(images, dims=[3]), "cpu", normalize=norm)
     avg = plain + flipped
     avg /= np.linalg.norm(avg, axis=1, keepdims=True)
-    return plain, avg.astype(np.float32), np.asarray(ds.labels)
+    return plain, avg.astype(np.float32), labels, knn
 
 
 def rule_points(idx: np.ndarray, sim: np.ndarray, k: int, prefix: str = "") -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -95,10 +104,11 @@ def rule_points(idx: np.ndarray, sim: np.ndarray, k: int, prefix: str = "") -> l
     return out
 
 
-def score(name: str, i, j, labels, n: int, choice: np.ndarray, idx: np.ndarray, encoder: str) -> dict:
+def score(name: str, i, j, labels, n: int, choice: np.ndarray, idx: np.ndarray, encoder: str,
+          knn: float | None = None) -> dict:
     correct = labels[i] == labels[j]
     in_choice = choice[i]
-    return {"encoder": encoder, "rule": name, "pairs": int(len(i)), "per_image": len(i) / n,
+    return {"encoder": encoder, "encoder_knn": knn, "rule": name, "pairs": int(len(i)), "per_image": len(i) / n,
             "coverage": len(np.unique(i)) / n,
             "precision_choice": float(correct[in_choice].mean()) if in_choice.any() else None,
             "precision_report": float(correct[~in_choice].mean()) if (~in_choice).any() else None,
@@ -116,17 +126,19 @@ def top_lists(path: str) -> tuple[np.ndarray, np.ndarray, dict]:
 
 
 def searches(args):
-    """``(name, [(prefix, idx, sim)], labels)`` per encoder: plain (and flip-averaged) top-k lists."""
+    """``(name, [(prefix, idx, sim)], labels, kNN)`` per encoder: plain (and flip-averaged) top-k lists; kNN
+    is None for ``--mined`` files (nothing is embedded)."""
     for spec in args.mined:
         name, path = spec.split("=", 1)
         idx, sim, meta = top_lists(path)
-        yield name, [("", idx[:, :args.k], sim[:, :args.k])], training_labels(args.root, meta)
-    for path in args.encoder:
-        name = Path(path).parent.name if Path(path).name == "last.pt" else Path(path).stem
-        plain, avg, labels = embeddings(path, args.root, args.flip, args.subset)
+        yield name, [("", idx[:, :args.k], sim[:, :args.k])], training_labels(args.root, meta), None
+    for spec in args.encoder:
+        name, path = spec.split("=", 1) if "=" in spec else (None, spec)
+        name = name or (Path(path).parent.name if Path(path).name == "last.pt" else Path(path).stem)
+        plain, avg, labels, knn = embeddings(path, args.root, args.flip, args.subset)
         found = [(prefix, *topk(emb, args.k, "exact", device="cpu"))
                  for prefix, emb in ((("", plain), ("flip_", avg)) if args.flip else (("", plain),))]
-        yield name, found, labels
+        yield name, found, labels, knn
 
 
 def training_labels(root: str | None, meta: dict) -> np.ndarray:
@@ -141,7 +153,7 @@ def training_labels(root: str | None, meta: dict) -> np.ndarray:
 
 def run(args) -> list[dict]:
     rows, knn, images = [], {}, {}
-    for name, found, labels in searches(args):
+    for name, found, labels, strength in searches(args):
         images[name] = labels
         t0 = time.time()
         n = len(labels)
@@ -150,17 +162,23 @@ def run(args) -> list[dict]:
             if not prefix:
                 knn[name] = idx
             for rule, i, j in rule_points(idx, sim, idx.shape[1], prefix):
-                rows.append(score(rule, i, j, labels, n, choice, idx, name))
-        print(f"{name}: {time.time() - t0:.0f} s", flush=True)
-    for (a, ia), (b, ib) in itertools.combinations(knn.items(), 2):
+                rows.append(score(rule, i, j, labels, n, choice, idx, name, strength))
+        print(f"{name}: {time.time() - t0:.0f} s" + ("" if strength is None else f", kNN {strength:.2f}"),
+              flush=True)
+    for (a, ia), (b, ib) in itertools.combinations(knn.items() if args.agree else (), 2):
         if not np.array_equal(images[a], images[b]):
             raise SeppError(f"{a} and {b} searched other images (their training subsets differ), so their pairs "
                             "cannot be compared; pass --subset 0 (or the same subset) for every encoder")
         for kk in sorted({kk for kk in (1, 5, 10, 20) if kk < ia.shape[1]} | {ia.shape[1]}):
             i, j, _ = select_pairs(ia, np.zeros(ia.shape, np.float32), kk, -1.0)
             keep = np.isin(i * n + j, _codes(ib[:, :kk], n))
-            rows.append(score(f"agree top-{kk} with {b}", i[keep], j[keep], labels, n, choice, ia, a))
+            rows.append(score(f"agree top-{kk} with {b}", i[keep], j[keep], labels, n, choice, ia, a,
+                              rows_knn(rows, a)))
     return rows
+
+
+def rows_knn(rows: list[dict], encoder: str) -> float | None:
+    return next((r["encoder_knn"] for r in rows if r["encoder"] == encoder), None)
 
 
 def _codes(idx: np.ndarray, n: int) -> np.ndarray:
@@ -211,7 +229,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--encoder", action="append", default=[], help="encoder file (repeat for several)")
+    p.add_argument("--encoder", action="append", default=[],
+                   help="[NAME=]encoder file (repeat for several; NAME defaults to the file's name)")
     p.add_argument("--mined", action="append", default=[], help="NAME=pairs.npz with every image's top-k list")
     p.add_argument("--root", default=None, help="data.root (default: the checkpoint's config / $SEPP_DATA)")
     p.add_argument("--subset", type=int, default=None,
@@ -219,6 +238,8 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--choice-fraction", type=float, default=0.1)
     p.add_argument("--no-flip", dest="flip", action="store_false")
+    p.add_argument("--no-agree", dest="agree", action="store_false",
+                   help="skip the two-encoder agreement rows (e.g. for checkpoints of one run)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     write(run(args), Path(args.out))

@@ -15,6 +15,8 @@ from conftest import tiny_overrides
 from sepp.cli import main as cli
 from sepp.data.pairs import Pairs, load_pairs
 from sepp.errors import SeppError
+from sepp.eval.knn import knn_eval
+from sepp.methods.checkpoint import load_trained
 from sepp.mining.stats import neighbourhood_consistency, shared_neighbours
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +58,10 @@ def test_pair_rules_from_an_encoder_equal_those_from_its_mined_file(tiny_mined, 
         assert 0 <= x["coverage"] <= 1 and x["per_image"] == pytest.approx(x["pairs"] / 64)
     nn_all = next(r for r in a if r["rule"] == "nn_fraction f=1")
     assert nn_all["coverage"] == 1.0 and nn_all["pairs"] == 64
+    # the encoder's strength: the kNN of its mining features equals the evaluation suite's kNN of its backbone
+    method, cfg, _ = load_trained(ckpt, [f"data.root={cifar_root}"])
+    assert [r["encoder_knn"] for r in a] == [pytest.approx(knn_eval(method.backbone, cfg, "cpu"), abs=1e-6)] * len(a)
+    assert {r["encoder_knn"] for r in b} == {None}  # read from a pair file: nothing embedded
     assert (tmp_path / "a" / "rules.png").stat().st_size > 0
 
 
@@ -186,3 +192,40 @@ def test_sepp_mine_pairs_per_image_keeps_the_most_similar_pairs_and_reports_cons
     stats = json.loads((tmp_path / "mining.json").read_text())
     assert stats["consistency"] == pytest.approx(neighbourhood_consistency(idx, got.i, got.j))
     assert 0.0 <= stats["consistency"] <= 1.0
+
+
+def test_break_even_precision_and_encoder_strength_by_hand(tmp_path):
+    """benchmarks/break_even.py: the line through (77.9 %, -1.15) and (100 %, +1.22) crosses 0 at
+    0.779 + 1.15 * 0.221 / 2.37 = 0.88624; per seed from paired differences; the precision-kNN line through
+    three encoders on an exact line (precision = 0.2 + 0.01 kNN) reaches p* at kNN (p* - 0.2) / 0.01."""
+    be = _benchmark("break_even")
+    assert be.crossing(0.779, -1.15, 1.0, 1.22) == pytest.approx(0.88624, abs=1e-5)
+    assert be.crossing(0.779, 1.0, 1.0, 0.5) is None  # the gain does not rise with precision
+    runs = {"baseline": [{"seed": 0, "knn_top1": 50.0}, {"seed": 1, "knn_top1": 51.0}],
+            "mined": [{"seed": 0, "knn_top1": 49.0}, {"seed": 1, "knn_top1": 49.0}],
+            "oracle_random": [{"seed": 0, "knn_top1": 51.0}, {"seed": 1, "knn_top1": 53.0},
+                              {"seed": 2, "knn_top1": 60.0}]}  # seed 2 has no baseline: left out
+    controls = [{"file": "mined", "effective_precision": 0.8}, {"file": "oracle_random", "effective_precision": 1.0}]
+    cont, ctrl = tmp_path / "c.json", tmp_path / "k.json"
+    cont.write_text(json.dumps({"runs": runs}))
+    ctrl.write_text(json.dumps(controls))
+    rows = [{"encoder": f"e{k}", "encoder_knn": knn, "rule": "threshold t=0.9 (1/img)", "coverage": 0.3,
+             "precision_report": 0.2 + 0.01 * knn, "consistency": 0.1 + 0.001 * knn} for k, knn in enumerate((40, 50, 60))]
+    rows += [{"encoder": "e9", "encoder_knn": 99.0, "rule": "threshold t=0.9 (2/img)", "coverage": 0.5,
+              "precision_report": 0.1, "consistency": 0.0},  # another operating point: not picked
+             {"encoder": "mined_file", "encoder_knn": None, "rule": "threshold t=0.9 (1/img)", "coverage": 0.3,
+              "precision_report": 0.5, "consistency": 0.0}]  # no kNN (read from a pair file): not picked
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps(rows))
+    be.main(["--study", f"E={cont},{ctrl}", "--rules", str(rules), "--out", str(tmp_path / "out")])
+    result = json.loads((tmp_path / "out" / "break_even.json").read_text())
+    s = result["studies"]["E"]
+    assert s["seeds"] == [0, 1]
+    # means: mined -1.5, oracle +1.5 -> crossing at 0.9; seed 0: -1/+1 -> 0.9; seed 1: -2/+2 -> 0.9
+    assert s["break_even"] == pytest.approx(0.9) and s["break_even_per_seed"] == pytest.approx([0.9, 0.9])
+    fit = result["strength"]
+    assert [p["encoder"] for p in fit["points"]] == ["e0", "e1", "e2"]
+    assert fit["slope"] == pytest.approx(0.01) and fit["intercept"] == pytest.approx(0.2) and fit["r2"] == pytest.approx(1.0)
+    assert s["knn_at_break_even"] == pytest.approx(70.0)
+    assert fit["consistency_spearman"] == pytest.approx(1.0)
+    assert (tmp_path / "out" / "break_even.png").stat().st_size > 0
