@@ -410,8 +410,10 @@ def test_gpu_experiment_smoke_runs_the_whole_path_on_cpu(cifar_root, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["plan"]["smoke"] and res["plan"]["epochs"] == 1
     assert res["sepp"]["steps"] == res["baseline"]["steps"] > 0  # step-matched
-    assert res["sepp"]["init"] == "baseline" and res["sepp"]["batch_positives"]  # the CPU evidence's setting
-    assert res["mining"]["num_images"] == 96 and res["mining"]["num_pairs"] > 0  # every image of the subset
+    # the setting of the CPU's k-matched controls: enlarge mode, masked negatives, ~1 pair per image
+    assert res["sepp"]["init"] == "baseline" and res["sepp"]["mode"] == "enlarge"
+    assert not res["sepp"]["batch_positives"] and res["sepp"]["mask_negatives"]
+    assert res["mining"]["num_images"] == 96 and 0 < res["mining"]["num_pairs"] <= 2 * 96  # every image of the subset
     assert 0 <= res["baseline"]["knn_top1"] <= 100 and 0 <= res["sepp"]["knn_top1"] <= 100
     for name in ("report.md", "curves.png", "pairs_gallery.png", "similarity_hist.png", "gpu_experiment.log"):
         assert (out / name).stat().st_size > 0, name
