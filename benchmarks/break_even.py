@@ -57,18 +57,27 @@ def study(continuation: dict, controls: list[dict], low: str, high: str, score: 
             "break_even_per_seed": per_seed}
 
 
-def strength(rows: list[dict], rule: str) -> dict:
-    """The rule's precision against encoder kNN over every encoder that has both; the fitted line."""
+def strength(rows: list[dict], rule: str, exclude: tuple[str, ...] = ()) -> dict:
+    """The rule's precision against encoder kNN over every encoder that has both (but ``exclude``); the
+    fitted line; and, per encoder, how well the label-free consistency orders all of its rules (Spearman)."""
     pick = {}
     for r in rows:
-        if re.fullmatch(rule, r["rule"]) and r.get("encoder_knn") is not None and r["precision_report"] is not None:
+        if (re.fullmatch(rule, r["rule"]) and r.get("encoder_knn") is not None and r["precision_report"] is not None
+                and r["encoder"] not in exclude):
             pick[r["encoder"]] = r
     if len(pick) < 2:
         raise SystemExit(f"fewer than 2 encoders have rule {rule!r} with a kNN; run pair_rules.py with --encoder")
     pts = [{"encoder": e, "knn": r["encoder_knn"], "precision": r["precision_report"], "coverage": r["coverage"],
             "consistency": r["consistency"]} for e, r in pick.items()]
     a, b, r2 = fit_line([p["knn"] for p in pts], [p["precision"] for p in pts])
-    return {"rule": rule, "points": sorted(pts, key=lambda p: p["knn"]), "intercept": a, "slope": b, "r2": r2}
+    within = {}
+    for enc in dict.fromkeys(r["encoder"] for r in rows):
+        xy = [(r["consistency"], r["precision_report"]) for r in rows if r["encoder"] == enc
+              and r["consistency"] is not None and r["precision_report"] is not None]
+        if len(xy) > 2:
+            within[enc] = {"rules": len(xy), "spearman": spearman(*zip(*xy))}
+    return {"rule": rule, "points": sorted(pts, key=lambda p: p["knn"]), "intercept": a, "slope": b, "r2": r2,
+            "excluded": list(exclude), "consistency_within_encoder": within}
 
 
 def spearman(x, y) -> float:
@@ -88,7 +97,12 @@ def report(studies: dict, fit: dict) -> tuple[dict, str]:
     cons = [(p["consistency"], p["precision"]) for p in fit["points"] if p["consistency"] is not None]
     fit["consistency_spearman"] = spearman(*zip(*cons)) if len(cons) > 2 else None
     if fit["consistency_spearman"] is not None:
-        lines += ["", f"Across these encoders, Spearman(consistency, precision) = {fit['consistency_spearman']:.2f}."]
+        lines += ["", f"Across these encoders (this rule), Spearman(consistency, precision) = "
+                      f"{fit['consistency_spearman']:.2f}; within each encoder, over all its rules: "
+                  + ", ".join(f"{e} {w['spearman']:.2f} ({w['rules']} rules)"
+                              for e, w in fit["consistency_within_encoder"].items()) + "."]
+    if fit["excluded"]:
+        lines += ["", f"Left out of the line: {', '.join(fit['excluded'])}."]
     lines += ["", "| mining encoder | seeds | effective precision (low / high arm) | SePP − baseline (low / high) | "
               "break-even p* (means) | p* per seed | predicted kNN at p* |", "|---|---|---|---|---|---|---|"]
     for name, s in studies.items():
@@ -138,6 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--low", default="mined")
     p.add_argument("--high", default="oracle_random")
     p.add_argument("--score", default="knn_top1")
+    p.add_argument("--exclude", action="append", default=[],
+                   help="an encoder left out of the precision-kNN line (e.g. one trained with label-built pairs)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     studies = {}
@@ -147,7 +163,7 @@ def main(argv=None) -> int:
         studies[name] = study(json.loads(Path(cont).read_text()), json.loads(Path(ctrl).read_text()),
                               args.low, args.high, args.score)
     rows = [r for f in args.rules for r in json.loads(Path(f).read_text())]
-    result, text = report(studies, strength(rows, args.rule))
+    result, text = report(studies, strength(rows, args.rule, tuple(args.exclude)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "break_even.json").write_text(json.dumps(result, indent=1))

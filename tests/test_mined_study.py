@@ -217,7 +217,13 @@ def test_break_even_precision_and_encoder_strength_by_hand(tmp_path):
               "precision_report": 0.5, "consistency": 0.0}]  # no kNN (read from a pair file): not picked
     rules = tmp_path / "rules.json"
     rules.write_text(json.dumps(rows))
-    be.main(["--study", f"E={cont},{ctrl}", "--rules", str(rules), "--out", str(tmp_path / "out")])
+    rows += [{"encoder": "e0", "encoder_knn": 40.0, "rule": f"mutual k={k}", "coverage": 0.5,
+              "precision_report": p, "consistency": c} for k, p, c in ((1, 0.9, 0.3), (2, 0.5, 0.2), (5, 0.7, 0.1))]
+    rows.append({"encoder": "label_trained", "encoder_knn": 70.0, "rule": "threshold t=0.9 (1/img)", "coverage": 0.3,
+                 "precision_report": 0.1, "consistency": 0.5})  # off the line, and --exclude'd
+    rules.write_text(json.dumps(rows))
+    be.main(["--study", f"E={cont},{ctrl}", "--rules", str(rules), "--out", str(tmp_path / "out"),
+             "--exclude", "label_trained"])
     result = json.loads((tmp_path / "out" / "break_even.json").read_text())
     s = result["studies"]["E"]
     assert s["seeds"] == [0, 1]
@@ -228,4 +234,7 @@ def test_break_even_precision_and_encoder_strength_by_hand(tmp_path):
     assert fit["slope"] == pytest.approx(0.01) and fit["intercept"] == pytest.approx(0.2) and fit["r2"] == pytest.approx(1.0)
     assert s["knn_at_break_even"] == pytest.approx(70.0)
     assert fit["consistency_spearman"] == pytest.approx(1.0)
+    # e0's four rules: consistency 0.14, 0.3, 0.2, 0.1 against precision 0.6, 0.9, 0.5, 0.7 -> ranks
+    # (2, 4, 3, 1) vs (2, 4, 1, 3): Spearman 1 - 6 * (0 + 0 + 4 + 4) / (4 * 15) = 0.2
+    assert fit["consistency_within_encoder"] == {"e0": {"rules": 4, "spearman": pytest.approx(0.2)}}
     assert (tmp_path / "out" / "break_even.png").stat().st_size > 0
