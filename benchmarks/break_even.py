@@ -117,7 +117,7 @@ def report(studies: dict, fit: dict) -> tuple[dict, str]:
     return {"studies": studies, "strength": fit}, "\n".join(lines) + "\n"
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -135,8 +135,7 @@ def plot(result: dict, path: Path) -> None:
         if s["break_even"] is not None:
             ax.axhline(100 * s["break_even"], lw=1, color="C3", alpha=0.6)
             ax.annotate(f"break-even ({name})", (grid[0], 100 * s["break_even"]), fontsize=7, color="C3")
-    ax.set(xlabel="encoder kNN top-1 (%)", ylabel="label precision of the rule's pairs (%)",
-           title=fit["rule"])
+    ax.set(xlabel="encoder kNN top-1 (%)", ylabel="label precision of the rule's pairs (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -149,6 +148,8 @@ def main(argv=None) -> int:
                    help="NAME=continuation.json,controls.json (repeat per mining encoder)")
     p.add_argument("--rules", action="append", default=[], help="rules.json of pair_rules.py (repeat)")
     p.add_argument("--rule", default=r"threshold t=\S+ \(1/img\)", help="regular expression for the rule name")
+    p.add_argument("--title", default="the dataset's most similar top-20 pairs, 1 per image",
+                   help="the picture's title: the rule in words")
     p.add_argument("--low", default="mined")
     p.add_argument("--high", default="oracle_random")
     p.add_argument("--score", default="knn_top1")
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "break_even.json").write_text(json.dumps(result, indent=1))
     (out / "break_even.md").write_text(text)
-    plot(result, out / "break_even.png")
+    plot(result, out / "break_even.png", args.title)
     print(text)
     return 0
 
