@@ -10,7 +10,7 @@ headroom that any pair source could at most close at that budget.
     python benchmarks/label_headroom.py --config demo --steps 248,744 --seeds 0,1,2 --out logs/headroom \
         [--init ENCODER.pt] [key=value ...]
 
-Writes ``label_headroom.json`` and ``label_headroom.md`` under ``--out``; prints one line per run.
+Writes ``label_headroom.json`` and ``label_headroom.md`` under ``--out`` after every run; prints one line per run.
 Optimizer: SGD, momentum 0.9, lr 0.1 per 256 images (linear scaling), weight decay 5e-4, the config's
 warm-up epochs then cosine to 0 — the usual supervised CIFAR recipe, not the SSL method's LARS.
 """
@@ -114,8 +114,15 @@ def main(argv=None) -> dict:
             runs.append({"seed": seed, **res, "seconds": time.time() - t0})
             print(f"DIAGNOSTIC supervised (labels) steps={steps} seed={seed} kNN {res['knn_top1']:.2f} "
                   f"linear {res['linear_top1']:.2f} ({runs[-1]['seconds']:.0f} s)", flush=True)
-        rows[steps] = {"runs": runs, "knn": summarize([r["knn_top1"] for r in runs]),
-                       "linear": summarize([r["linear_top1"] for r in runs])}
+            rows[steps] = {"runs": runs, "knn": summarize([r["knn_top1"] for r in runs]),
+                           "linear": summarize([r["linear_top1"] for r in runs])}
+            result = write(out, args, rows)  # after every run, so a stopped run keeps what it measured
+    print((out / "label_headroom.md").read_text(), end="")
+    return result
+
+
+def write(out: Path, args, rows: dict) -> dict:
+    """``label_headroom.json`` and ``label_headroom.md`` for the runs so far."""
     result = {"diagnostic": "supervised cross-entropy on the labels: an upper reference, not SSL",
               "config": args.config, "overrides": args.overrides, "init": args.init, "steps": rows}
     (out / "label_headroom.json").write_text(json.dumps(result, indent=2))
@@ -124,7 +131,6 @@ def main(argv=None) -> dict:
              "| steps | kNN top-1 | linear top-1 |", "|---|---|---|"]
     lines += [f"| {s} | {format_mean_std(r['knn'])} | {format_mean_std(r['linear'])} |" for s, r in rows.items()]
     (out / "label_headroom.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
     return result
 
 

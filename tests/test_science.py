@@ -425,3 +425,25 @@ def test_label_headroom_learns_the_labels_and_writes_its_table(cifar_root, tmp_p
     assert set(result["steps"]) == {2} and len(result["steps"][2]["runs"]) == 2
     assert json.loads((out / "label_headroom.json").read_text())["diagnostic"].startswith("supervised")
     assert (out / "label_headroom.md").read_text().startswith("DIAGNOSTIC")
+
+
+def test_label_headroom_keeps_the_runs_it_finished_when_stopped(cifar_root, tmp_path, monkeypatch):
+    """A long supervised reference stopped during its second seed keeps the first seed's numbers on disk."""
+    headroom = _load_benchmark("label_headroom")
+    calls = []
+
+    def evaluate(backbone, cfg, device):
+        calls.append(cfg.seed)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return {"knn_top1": 12.5, "linear_top1": 20.0}
+
+    monkeypatch.setattr(headroom, "evaluate", evaluate)
+    overrides = [*tiny_overrides(cifar_root, tmp_path, method="simclr", subset=40, batch=20), "train.warmup_epochs=0"]
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        headroom.main(["--steps", "1", "--seeds", "3,4", "--out", str(out), *overrides])
+    kept = json.loads((out / "label_headroom.json").read_text())["steps"]["1"]
+    assert calls == [3, 4] and [r["seed"] for r in kept["runs"]] == [3]
+    assert kept["knn"] == {"mean": 12.5, "std": None, "n": 1, "values": [12.5]}
+    assert "| 1 | 12.50" in (out / "label_headroom.md").read_text()
