@@ -26,10 +26,12 @@ import numpy as np
 
 
 def crossing(p_lo: float, d_lo: float, p_hi: float, d_hi: float) -> float | None:
-    """Where the line through ``(p_lo, d_lo)`` and ``(p_hi, d_hi)`` crosses 0; None when it does not rise."""
+    """Where the line through ``(p_lo, d_lo)`` and ``(p_hi, d_hi)`` crosses 0; None when it does not rise, or
+    when it is still below 0 at precision 1 (no precision breaks even)."""
     if d_hi <= d_lo or p_hi == p_lo:
         return None
-    return p_lo - d_lo * (p_hi - p_lo) / (d_hi - d_lo)
+    p = p_lo - d_lo * (p_hi - p_lo) / (d_hi - d_lo)
+    return p if p <= 1.0 else None
 
 
 def fit_line(x, y) -> tuple[float, float, float]:

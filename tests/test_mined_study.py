@@ -201,6 +201,7 @@ def test_break_even_precision_and_encoder_strength_by_hand(tmp_path):
     be = _benchmark("break_even")
     assert be.crossing(0.779, -1.15, 1.0, 1.22) == pytest.approx(0.88624, abs=1e-5)
     assert be.crossing(0.779, 1.0, 1.0, 0.5) is None  # the gain does not rise with precision
+    assert be.crossing(0.779, -1.6, 1.0, -0.96) is None  # still a loss with every pair correct: no break-even
     runs = {"baseline": [{"seed": 0, "knn_top1": 50.0}, {"seed": 1, "knn_top1": 51.0}],
             "mined": [{"seed": 0, "knn_top1": 49.0}, {"seed": 1, "knn_top1": 49.0}],
             "oracle_random": [{"seed": 0, "knn_top1": 51.0}, {"seed": 1, "knn_top1": 53.0},
