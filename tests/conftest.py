@@ -7,8 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Property tests draw the same examples on every run, so CI cannot pass or fail by chance;
+# HYPOTHESIS_PROFILE=explore draws new ones (for looking for bugs, not for CI).
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N` (scripts/test.sh): one process per core, one thread each
     import torch

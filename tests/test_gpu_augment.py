@@ -214,7 +214,7 @@ def test_gaussian_blur_equals_torchvision(shape, kernel, sigmas):
     s = torch.tensor(sigmas[:b])
     ref = torch.stack([TF.gaussian_blur(xi, [kernel, kernel], [float(si), float(si)]) for xi, si in zip(x, s)])
     # Separable vs 2-D kernel: same sums in another order.
-    torch.testing.assert_close(G.gaussian_blur(x, s, kernel), ref, atol=2e-6, rtol=0)
+    torch.testing.assert_close(G.gaussian_blur(x, s, kernel), ref, atol=1e-5, rtol=0)
 
 
 @settings(max_examples=30, deadline=None)
@@ -233,7 +233,8 @@ def test_enlarging_crop_equals_resized_crop(h, w, extra, data):
     out = G.resized_crop(x, *(torch.tensor(v) for v in (top, left, ch, cw)), size)
     ref = torch.stack([TF.resized_crop(x[i], top[i], left[i], ch[i], cw[i], [size, size], antialias=True)
                        for i in range(b)])
-    torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
+    # fp32 sums in another order: a few ulps (2.1e-6 seen once); a misplaced pixel would differ by ~1e-2.
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
 def test_shrinking_crop_averages_like_antialiasing():
