@@ -11,9 +11,10 @@
 #   3. SePP training that continues from the phase-1 encoder in the setting of the CPU's k-matched controls
 #      (RESULTS.md 2026-12-07/08): the paper's enlarge mode (each epoch visits every image and every pair once,
 #      so about half of the samples are pairs), negatives of known positives masked, no batch positives. There,
-#      label-correct partners for the mined anchors gained about a point and the mined pairs of 59-kNN CPU
-#      encoders (78 % precise) lost about one: the break-even was near 89 % precision. This GPU encoder trains
-#      far longer, so this run tests whether its pairs get past that point. One enlarged epoch has ~2x the
+#      random label-correct partners for the mined anchors gained about a point, the mined pairs of 59-kNN CPU
+#      encoders (78 % precise) lost about one, and so did the anchors' nearest class-mates (100 % precise):
+#      partners the encoder already places next to the anchor did not help (RESULTS.md 2026-12-08). This GPU
+#      encoder and its arms train far longer, so this run tests whether that holds at GPU scale. One enlarged epoch has ~2x the
 #      steps, so the arms train E/4 enlarged epochs (the steps of E/2 plain epochs);
 #   4. the step-matched baseline: continues from the same phase-1 encoder for the SePP arm's optimizer steps
 #      (run.budget=steps), so the arms differ only in the pairs;
